@@ -1,0 +1,292 @@
+"""Federated learning simulated on one machine: the round loop of McMahan et al.'s FedAvg.
+
+Data are loaded once as tensors; clients are index arrays into them. Each round the
+strategy samples clients, they train locally (vectorized or sequentially), attacks and
+dropout are applied, non-finite updates are rejected, and the strategy aggregates.
+Every source of randomness is derived from (seed, round, client), so a resumed run
+follows exactly the trajectory of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mlsyskit.data import Dataset, load_dataset, partition, partition_stats
+from mlsyskit.errors import UserError
+from mlsyskit.fl import rundir
+from mlsyskit.fl.attacks import choose_malicious, finite_rows, poison
+from mlsyskit.fl.client import (
+    ClientBatch,
+    LocalTraining,
+    batch_plan,
+    evaluate,
+    train_sequential,
+    train_vectorized,
+)
+from mlsyskit.fl.config import FLConfig
+from mlsyskit.fl.params import get_flat
+from mlsyskit.fl.strategies import Strategy, StrategyOptions, make_strategy
+from mlsyskit.models import build_model
+
+
+@dataclass
+class Federation:
+    """Everything the rounds share, built once: data, client split, model, strategy."""
+
+    cfg: FLConfig
+    data: Dataset
+    parts: list[np.ndarray]
+    counts: np.ndarray
+    malicious: np.ndarray
+    model: torch.nn.Module
+    strategy: Strategy
+    vectorized: bool
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class RoundResult:
+    global_w: torch.Tensor
+    sampled: list[int]
+    trained: list[int]
+    rejected: list[int]
+    train_loss: float | None
+    train_s: float
+
+
+def setup(cfg: FLConfig) -> Federation:
+    """Load data, split it across clients, build the model and the strategy."""
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    labels = data.train_y.numpy() if data.task == "image" else None
+    parts = partition(
+        labels, cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha, natural=data.natural_clients
+    )
+    if cfg.malicious > len(parts):
+        raise UserError(f"--malicious {cfg.malicious} exceeds the {len(parts)} clients")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=data.num_classes, vocab_size=data.num_classes)
+    supports = bool(getattr(model, "supports_vmap", False))
+    if cfg.client_exec == "vmap" and not supports:
+        raise UserError(f"model {cfg.model!r} cannot train under vmap; use --client-exec sequential or auto")
+    opts = StrategyOptions(
+        mu=cfg.mu,
+        server_lr=cfg.server_lr,
+        server_momentum=cfg.server_momentum,
+        trim_ratio=cfg.trim_ratio,
+        krum_f=cfg.krum_f,
+    )
+    return Federation(
+        cfg=cfg,
+        data=data,
+        parts=parts,
+        counts=np.array([len(p) for p in parts]),
+        malicious=choose_malicious(len(parts), cfg.malicious, cfg.seed),
+        model=model,
+        strategy=make_strategy(cfg.strategy, opts),
+        vectorized=supports and cfg.client_exec != "sequential",
+    )
+
+
+def train_clients(fed: Federation, rnd: int, global_w: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local training of the given clients; (K, P) models and (K,) mean losses."""
+    cfg = fed.cfg
+    local = LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.lr, fed.strategy.fit_config()["mu"])
+    flip = cfg.attack == "label-flip"
+    bad = set(fed.malicious.tolist())
+    train = train_vectorized if fed.vectorized else train_sequential
+    chunk = cfg.parallel_clients if fed.vectorized else len(ids)
+    models, losses = [], []
+    for start in range(0, len(ids), chunk):
+        group = ids[start : start + chunk]
+        batch = ClientBatch(
+            indices=[fed.parts[c] for c in group],
+            plans=[batch_plan(fed.counts[c], cfg.batch_size, cfg.local_epochs, [cfg.seed, rnd, int(c)]) for c in group],
+            flip_labels=[flip and int(c) in bad for c in group],
+        )
+        m, loss = train(fed.model, global_w, fed.data.train_x, fed.data.train_y, batch, local, fed.data.num_classes)
+        models.append(m)
+        losses.append(loss)
+    return torch.cat(models), torch.cat(losses)
+
+
+def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
+    """One communication round: sample, (drop out), train, (attack), reject non-finite, aggregate."""
+    cfg = fed.cfg
+    rng = np.random.default_rng([cfg.seed, rnd])
+    sampled = fed.strategy.configure_fit(len(fed.parts), cfg.fraction, rng)
+    active = sampled[rng.random(len(sampled)) >= cfg.dropout]
+    t0 = time.perf_counter()
+    if len(active) == 0:
+        return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0)
+    models, losses = train_clients(fed, rnd, global_w, active)
+    train_s = time.perf_counter() - t0
+    for i, c in enumerate(active):
+        if c in fed.malicious:
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, int(c), 1]).integers(2**62)))
+            models[i] = poison(cfg.attack, models[i], global_w, cfg.attack_scale, gen)
+    ok = finite_rows(models)
+    rejected = active[~ok.numpy()].tolist()
+    weights = torch.from_numpy(fed.counts[active]).float()
+    new_w = fed.strategy.aggregate(global_w, models[ok], weights[ok]) if ok.any() else global_w
+    finite_loss = losses[torch.isfinite(losses)]
+    return RoundResult(
+        global_w=new_w,
+        sampled=sampled.tolist(),
+        trained=active.tolist(),
+        rejected=rejected,
+        train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
+        train_s=train_s,
+    )
+
+
+def default_out(cfg: FLConfig) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Start a new run in `cfg.out`; returns the summary (also written to summary.json).
+
+    `stop_after` ends the process's work after that round as if it were killed there
+    (used to test `--resume`); the run directory is left resumable.
+    """
+    cfg = cfg.resolved()
+    out = rundir.new_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
+    cfg = dataclasses.replace(cfg, out=str(out))
+    fed = setup(cfg)
+    rundir.write_json(out / rundir.CONFIG, cfg.to_json())
+    stats = partition_stats(fed.parts, fed.data.train_y.numpy() if fed.data.task == "image" else None, fed.data.num_classes if fed.data.task == "image" else None)
+    stats.update(
+        clients=len(fed.parts),
+        scheme=cfg.partition,
+        malicious=fed.malicious.tolist(),
+        client_names=fed.data.client_names if cfg.partition == "natural" else None,
+        test_source=fed.data.test_source,
+    )
+    rundir.write_json(out / rundir.PARTITION, stats)
+    return _loop(fed, out, start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
+
+
+RESUME_OVERRIDES = ("rounds", "target_accuracy", "eval_every", "checkpoint_every", "parallel_clients")
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Continue a killed (or finished) run from its last checkpoint, with its saved config.
+
+    Only the fields in RESUME_OVERRIDES may change; anything else would change the
+    trajectory, so it is refused.
+    """
+    out = Path(run_dir)
+    if not (out / rundir.CONFIG).exists():
+        raise UserError(f"--resume {out}: no {rundir.CONFIG} there; pass the --out folder of an earlier run")
+    saved = FLConfig.from_json(out / rundir.CONFIG)
+    changed = {k: v for k, v in (overrides or {}).items() if v is not None and getattr(saved, k) != v}
+    bad = sorted(set(changed) - set(RESUME_OVERRIDES))
+    if bad:
+        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+        raise UserError(f"--resume continues a run with its saved config; {flags} cannot change (start a new run with --out)")
+    cfg = dataclasses.replace(saved, **changed).resolved()
+    fed = setup(cfg)
+    rnd, global_w, state = rundir.load_checkpoint(out)
+    if rnd == 0:
+        global_w = get_flat(fed.model)
+    elif global_w.numel() != fed.num_params:
+        raise UserError(f"checkpoint in {out} does not match model {cfg.model!r}; start a new run")
+    fed.strategy.load_state_dict(state)
+    rundir.rewrite_metrics(out, rundir.read_metrics(out, upto_round=rnd))
+    rundir.write_json(out / rundir.CONFIG, cfg.to_json())
+    return _loop(fed, out, start=rnd, global_w=global_w, progress=progress, stop_after=stop_after)
+
+
+def _loop(fed: Federation, out: Path, *, start: int, global_w: torch.Tensor, progress: bool, stop_after: int | None) -> dict[str, Any]:
+    cfg = fed.cfg
+    bytes_model = 4 * fed.num_params
+    rows = rundir.read_metrics(out)
+    bar = tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.strategy} {cfg.dataset}", unit="round", file=sys.stderr, disable=not progress)
+    reached = next((r["round"] for r in rows if cfg.target_accuracy and (r.get("test_accuracy") or 0) >= cfg.target_accuracy), None)
+    rnd = start
+    for rnd in range(start + 1, cfg.rounds + 1):
+        if reached is not None:
+            break
+        t0 = time.perf_counter()
+        res = run_round(fed, rnd, global_w)
+        global_w = res.global_w
+        row: dict[str, Any] = {"round": rnd, "test_accuracy": None, "test_loss": None}
+        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+            acc, loss = evaluate(fed.model, global_w, fed.data.test_x, fed.data.test_y)
+            row.update(test_accuracy=acc, test_loss=loss)
+        row.update(
+            train_loss=res.train_loss,
+            clients=len(res.trained),
+            sampled=len(res.sampled),
+            rejected=res.rejected,
+            bytes_up=len(res.trained) * bytes_model,
+            bytes_down=len(res.sampled) * bytes_model,
+            train_s=round(res.train_s, 4),
+            wall_s=round(time.perf_counter() - t0, 4),
+        )
+        if res.rejected:
+            tqdm.write(f"round {rnd}: rejected non-finite update(s) from client(s) {res.rejected}", file=sys.stderr)
+        rundir.append_metrics(out, row)
+        rows.append(row)
+        if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+            rundir.save_checkpoint(out, rnd, global_w, fed.strategy.state_dict())
+        if row["test_accuracy"] is not None:
+            bar.set_postfix(acc=f"{row['test_accuracy']:.4f}")
+            if cfg.target_accuracy and row["test_accuracy"] >= cfg.target_accuracy:
+                reached = rnd
+                rundir.save_checkpoint(out, rnd, global_w, fed.strategy.state_dict())
+        bar.update(1)
+        if stop_after is not None and rnd >= stop_after:
+            bar.close()
+            return {"stopped_at": rnd}
+    bar.close()
+    return finish(fed, out, rows, global_w, reached)
+
+
+def finish(fed: Federation, out: Path, rows: list[dict[str, Any]], global_w: torch.Tensor, reached: int | None) -> dict[str, Any]:
+    """Write the final model, summary.json and accuracy.png."""
+    from mlsyskit.fl.params import set_flat
+
+    cfg = fed.cfg
+    set_flat(fed.model, global_w)
+    rundir.save_tensors(out / rundir.MODEL, dict(fed.model.state_dict()), {"model": cfg.model, "dataset": cfg.dataset})
+    evals = [r for r in rows if r.get("test_accuracy") is not None]
+    best = max(evals, key=lambda r: r["test_accuracy"], default=None)
+    summary = {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "strategy": cfg.strategy,
+        "partition": cfg.partition,
+        "clients": len(fed.parts),
+        "parameters": fed.num_params,
+        "client_exec": "vmap" if fed.vectorized else "sequential",
+        "test_source": fed.data.test_source,
+        "rounds_run": rows[-1]["round"] if rows else 0,
+        "final_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "final_loss": evals[-1]["test_loss"] if evals else None,
+        "best_accuracy": best["test_accuracy"] if best else None,
+        "best_round": best["round"] if best else None,
+        "target_accuracy": cfg.target_accuracy,
+        "rounds_to_target": reached,
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "mean_round_s": float(np.mean([r["wall_s"] for r in rows])) if rows else None,
+        "mean_train_s": float(np.mean([r["train_s"] for r in rows])) if rows else None,
+        "rejected_updates": sum(len(r["rejected"]) for r in rows),
+        "out": str(out),
+    }
+    rundir.write_json(out / rundir.SUMMARY, summary)
+    rundir.plot_accuracy(out, rows, f"{cfg.strategy} on {cfg.dataset} ({cfg.model}, {len(fed.parts)} clients)")
+    return summary

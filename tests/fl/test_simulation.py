@@ -1,0 +1,102 @@
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from mlsyskit.fl import FLConfig, resume, run
+
+TIMING = {"wall_s", "train_s"}
+
+
+def _cfg(tmp_path, name, data_dir, **kw):
+    base = dict(
+        dataset="mnist-5k",
+        data_dir=str(data_dir) if data_dir else None,
+        model="2nn",
+        clients=20,
+        fraction=0.5,
+        local_epochs=1,
+        batch_size=20,
+        lr=0.1,
+        rounds=3,
+        out=str(tmp_path / name),
+    )
+    base.update(kw)
+    return FLConfig(**base)
+
+
+def _rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(path / "metrics.jsonl")]
+
+
+def test_end_to_end_learns_real_digits_and_writes_outputs(tmp_path, data_dir):
+    summary = run(_cfg(tmp_path, "run", data_dir), progress=False)
+    out = tmp_path / "run"
+    for f in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "accuracy.png", "partition.json", "checkpoint.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["test_accuracy"] > 0.8  # chance is 0.1
+    assert rows[0]["clients"] == 10 and rows[0]["bytes_up"] == 10 * 4 * summary["parameters"]
+    assert summary["final_accuracy"] == rows[-1]["test_accuracy"]
+    if data_dir is not None:
+        assert "10,000" in summary["test_source"]
+    part = json.loads((out / "partition.json").read_text())
+    assert sum(part["sample_counts"]) in (4000, 5000) and len(part["label_histograms"]) == 20
+    weights = load_file(str(out / "model.safetensors"))
+    assert sum(v.numel() for v in weights.values()) == summary["parameters"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
+    kw = dict(rounds=4, strategy="fedadam", partition="shards")
+    full = run(_cfg(tmp_path, "full", data_dir, **kw), progress=False)
+    assert run(_cfg(tmp_path, "cut", data_dir, **kw), progress=False, stop_after=2) == {"stopped_at": 2}
+    assert len(_rows(tmp_path / "cut")) == 2
+    again = resume(tmp_path / "cut", progress=False)
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+    assert again["final_accuracy"] == full["final_accuracy"]
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_vmap_and_sequential_runs_agree(tmp_path, data_dir):
+    seq = run(_cfg(tmp_path, "seq", data_dir, client_exec="sequential", rounds=2), progress=False)
+    vec = run(_cfg(tmp_path, "vec", data_dir, client_exec="vmap", rounds=2), progress=False)
+    assert seq["client_exec"] == "sequential" and vec["client_exec"] == "vmap"
+    assert vec["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=2e-3)
+
+
+def test_robust_aggregation_survives_sign_flip_where_fedavg_collapses(tmp_path, data_dir):
+    attack = dict(malicious=5, attack="sign-flip", attack_scale=10.0, rounds=4, fraction=1.0, krum_f=5)
+    acc = {s: run(_cfg(tmp_path, s, data_dir, strategy=s, **attack), progress=False)["final_accuracy"] for s in ("fedavg", "median", "trimmed-mean", "krum")}
+    assert acc["fedavg"] < 0.5, acc
+    for s in ("median", "trimmed-mean", "krum"):
+        assert acc[s] > 0.8, acc
+
+
+def test_nan_updates_are_rejected_and_logged(tmp_path, data_dir):
+    summary = run(_cfg(tmp_path, "nan", data_dir, malicious=3, attack="nan", fraction=1.0), progress=False)
+    rows = _rows(tmp_path / "nan")
+    assert summary["rejected_updates"] == 3 * 3
+    assert all(len(r["rejected"]) == 3 for r in rows)
+    assert summary["final_accuracy"] > 0.8
+
+
+def test_dropout_rounds_complete_with_fewer_clients(tmp_path, data_dir):
+    run(_cfg(tmp_path, "drop", data_dir, dropout=0.5, rounds=3), progress=False)
+    rows = _rows(tmp_path / "drop")
+    assert len(rows) == 3
+    assert all(r["clients"] <= r["sampled"] == 10 for r in rows)
+    assert sum(r["clients"] for r in rows) < 30
+    assert all(r["bytes_up"] < r["bytes_down"] or r["clients"] == r["sampled"] for r in rows)
+
+
+def test_target_accuracy_stops_early(tmp_path, data_dir):
+    summary = run(_cfg(tmp_path, "target", data_dir, rounds=30, target_accuracy=0.5), progress=False)
+    assert summary["rounds_to_target"] == summary["rounds_run"] < 30
+    assert summary["final_accuracy"] >= 0.5
+
+
+def test_thousand_clients_run(tmp_path, data_dir):
+    summary = run(_cfg(tmp_path, "k", data_dir, clients=1000, fraction=0.1, rounds=1, batch_size=None, model="cnn"), progress=False)
+    assert summary["clients"] == 1000 and summary["rounds_run"] == 1
