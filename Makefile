@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mlsyskit fedavg --out runs/fedavg-mnist-5k
+	$(VENV)/bin/mlsyskit fedavg
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from mlsyskit.fl.client import ClientBatch, LocalTraining, batch_plan, train_sequential, train_vectorized
+from mlsyskit.fl.client import (
+    ClientBatch,
+    LocalTraining,
+    batch_plan,
+    train_sequential,
+    train_vectorized,
+)
 from mlsyskit.fl.params import ParamSpec, get_flat
 from mlsyskit.models import build_model
 

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -32,24 +33,31 @@ class DownloadError(UserError):
 
 def file_digest(path: Path, algorithm: str) -> str:
     """Hex digest of a file, read in chunks."""
-    h = hashlib.new(algorithm)
+    h = hashlib.new(algorithm, usedforsecurity=False)  # integrity check, not security
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _fetch_to(url: str, tmp, algorithm: str, timeout: float, desc: str) -> str:
+def _fetch_to(url: str, tmp: BinaryIO, algorithm: str, timeout: float, desc: str) -> str:
     """Stream url into the open file tmp; return the hex digest of what was written."""
-    h = hashlib.new(algorithm)
+    h = hashlib.new(algorithm, usedforsecurity=False)  # integrity check, not security
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         received = 0
         # disable=None: the bar shows on an interactive stderr and stays out of logs and CI.
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                  disable=None, leave=False) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+            disable=None,
+            leave=False,
+        ) as bar:
             for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                 tmp.write(chunk)
                 h.update(chunk)

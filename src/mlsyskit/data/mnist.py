@@ -83,7 +83,7 @@ def _missing_error(missing: list[str], cache_dir: Path, why: str) -> UserError:
         f"MNIST file(s) not found: {', '.join(f'{s}.gz' for s in missing)}. Provide them in one "
         f"of three ways: (1) --data-dir DIR or {DATA_DIR_ENV}=DIR where DIR/mnist/ holds {files} "
         f"(gzip or raw IDX); (2) put those files in the cache dir {cache_dir / 'mnist'}; "
-        f"(3) allow the download (needs network access to {', '.join(mnist_mirrors())}): {why}"
+        f"(3) allow the download, which needs network access to {', '.join(mnist_mirrors())} ({why})"
     )
 
 
@@ -95,7 +95,7 @@ def locate_mnist(
     found = {s: find_mnist_file(s, data_dir, cache_dir) for s in stems}
     missing = [s for s, p in found.items() if p is None]
     if missing and not download_missing:
-        raise _missing_error(missing, cache_dir, "download is switched off")
+        raise _missing_error(missing, cache_dir, "it is switched off")
     for stem in missing:
         name = f"{stem}.gz"
         try:
@@ -106,9 +106,11 @@ def locate_mnist(
                 algorithm="md5",
             )
         except DownloadError as exc:
-            raise _missing_error(missing, cache_dir, str(exc)) from exc
+            raise _missing_error(missing, cache_dir, f"it failed: {exc}") from exc
         except OSError as exc:  # e.g. the cache dir cannot be created
-            raise _missing_error(missing, cache_dir, f"cannot write to the cache: {exc}") from exc
+            raise _missing_error(
+                missing, cache_dir, f"it failed: cannot write to the cache: {exc}"
+            ) from exc
     return {s: p for s, p in found.items() if p is not None}
 
 
@@ -120,7 +122,11 @@ def read_mnist_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, n
             f"{images_path} is not an MNIST image file: got {images.dtype} "
             f"{'x'.join(map(str, images.shape))}, expected uint8 Nx28x28; replace the file"
         )
-    if labels.dtype != np.uint8 or labels.ndim != 1 or (labels.size and labels.max() >= NUM_CLASSES):
+    if (
+        labels.dtype != np.uint8
+        or labels.ndim != 1
+        or (labels.size and labels.max() >= NUM_CLASSES)
+    ):
         raise UserError(
             f"{labels_path} is not an MNIST label file: expected N uint8 labels 0-9; replace the file"
         )
@@ -179,7 +185,9 @@ def read_mnist_5k_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     cols = IMAGE_SIDE * IMAGE_SIDE + 1
     # np.fromstring's C parser is ~50x faster than np.loadtxt here (0.1 s for 3.9M values);
     # newlines become commas so it sees one flat list, and the count check catches bad rows.
-    values = np.fromstring(text.replace(b"\n", b",").decode("ascii", "replace"), dtype=np.int64, sep=",")
+    values = np.fromstring(
+        text.replace(b"\n", b",").decode("ascii", "replace"), dtype=np.int64, sep=","
+    )
     if rows == 0 or values.size != rows * cols:
         raise UserError(
             f"{path} is not an MNIST CSV: expected rows of {cols} integers (784 pixels, label); "

@@ -155,7 +155,7 @@ def locate_shakespeare(data_dir: Path | None, *, download_missing: bool) -> Path
     found = first_existing([*local, cache_dir / "shakespeare" / FILE_NAME])
     if found is not None:
         return found
-    why = "download is switched off"
+    why = "it is switched off"
     if download_missing:
         try:
             return download_file(
@@ -165,14 +165,14 @@ def locate_shakespeare(data_dir: Path | None, *, download_missing: bool) -> Path
                 algorithm="sha256",
             )
         except DownloadError as exc:
-            why = str(exc)
+            why = f"it failed: {exc}"
         except OSError as exc:
-            why = f"cannot write to the cache: {exc}"
+            why = f"it failed: cannot write to the cache: {exc}"
     raise UserError(
         f"Tiny Shakespeare ({FILE_NAME}) not found. Provide it in one of three ways: "
         f"(1) --data-dir DIR or {DATA_DIR_ENV}=DIR where DIR/shakespeare/{FILE_NAME} is the file; "
         f"(2) put it in the cache dir as {cache_dir / 'shakespeare' / FILE_NAME}; "
-        f"(3) allow the download (needs network access to {', '.join(shakespeare_urls())}): {why}"
+        f"(3) allow the download, which needs network access to {', '.join(shakespeare_urls())} ({why})"
     )
 
 

@@ -83,7 +83,7 @@ def train_sequential(
             if flip:
                 y = num_classes - 1 - y
             loss = per_sample_loss(model(x), y).mean()
-            total += float(loss)
+            total += float(loss.detach())
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * cfg.mu * prox
@@ -133,22 +133,23 @@ def train_vectorized(
 
     def client_loss(
         params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = m.sum()
-        loss = (per_sample_loss(functional_call(model, params, (x,)), y) * m).sum() / n.clamp_min(1)
+        data_loss = (per_sample_loss(functional_call(model, params, (x,)), y) * m).sum() / n.clamp_min(1)
+        loss = data_loss
         if anchor is not None:
             prox = sum(((params[name] - anchor[name]) ** 2).sum() for name in spec.names)
             loss = loss + 0.5 * mu * prox
-        return loss * (n > 0)
+        return loss * (n > 0), data_loss.detach()  # report the data loss, as the reference does
 
-    step_fn = vmap(grad_and_value(client_loss))
+    step_fn = vmap(grad_and_value(client_loss, has_aux=True))
     names = list(spec.names)
     loss_sum = torch.zeros(k)
     for s in range(index.shape[1]):
         sel = index[:, s]
         x, y = train_x[sel], train_y[sel]
         y = torch.where(flip.view(-1, *([1] * (y.dim() - 1))), num_classes - 1 - y, y)
-        grads, loss = step_fn(stacked, x, y, mask[:, s])
+        grads, (_, loss) = step_fn(stacked, x, y, mask[:, s])
         torch._foreach_add_([stacked[n] for n in names], [grads[n] for n in names], alpha=-cfg.lr)
         loss_sum += loss.detach()
     steps = torch.tensor([max(len(p), 1) for p in clients.plans], dtype=torch.float32)

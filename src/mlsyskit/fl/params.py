@@ -38,11 +38,11 @@ class ParamSpec:
         return torch.cat([params[n].reshape(*lead, -1) for n in self.names], dim=-1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split (..., P) into contiguous tensors of shape (..., *param_shape)."""
+        """Split (..., P) into new tensors of shape (..., *param_shape) (copies, safe to update)."""
         lead = flat.shape[:-1]
         chunks = torch.split(flat, self.numels, dim=-1)
         return {
-            n: c.reshape(*lead, *s).contiguous()
+            n: c.reshape(*lead, *s).clone()
             for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
         }
 
@@ -53,6 +53,12 @@ def get_flat(model: nn.Module) -> torch.Tensor:
 
 
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector into the model's parameters (in place, no new module)."""
+    """Copy a flat vector into the model's parameters (in place, no new module).
+
+    Unlike `vector_to_parameters`, this copies: the parameters never alias `flat`, so
+    training the model cannot silently change the global weights.
+    """
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        params = list(model.parameters())
+        for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
+            p.copy_(chunk.view_as(p))

@@ -12,7 +12,10 @@ from mlsyskit.models.blocks import Block, init_gpt_weights, make_norm, rope_cach
 class CharLSTM(nn.Module):
     """McMahan's Shakespeare model: 8-dim embedding, 2-layer LSTM(256), linear to vocab.
 
-    ``supports_vmap`` is False: ``nn.LSTM`` (``aten::lstm``) has no vmap batching rule.
+    ``supports_vmap`` is False: ``nn.LSTM`` has no vmap batching rule. On CPU vmap falls
+    back to a per-sample loop (correct, slow, warns); on CUDA with cuDNN any ``torch.func``
+    transform over it raises ("Cannot access data pointer of Tensor that doesn't have
+    storage"), so train it with plain autograd.
     """
 
     supports_vmap: bool = False

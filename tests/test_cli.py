@@ -1,0 +1,77 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlsyskit.cli import build_parser, main
+
+
+def _cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlsyskit.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_help_lists_subcommands():
+    out = _cli("--help")
+    assert out.returncode == 0 and "fedavg" in out.stdout
+
+
+def test_fedavg_help_documents_every_flag_with_default():
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["fedavg"].format_help().split())
+    for flag in ("--dataset", "--data-dir", "--model", "--clients", "--partition", "--alpha", "--fraction",
+                 "--local-epochs", "--batch-size", "--lr", "--rounds", "--strategy", "--mu", "--malicious",
+                 "--attack", "--dropout", "--seed", "--target-accuracy", "--out", "--resume"):
+        assert flag in text, flag
+    assert "(default: 0.1)" in text and "(default: mnist-5k)" in text
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--fraction", "0"], "--fraction must be in (0, 1]"),
+        (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+        (["--lr", "-0.1"], "--lr must be positive"),
+        (["--clients", "6000"], "exceeds"),
+        (["--batch-size", "ten"], "invalid batch size"),
+        (["--strategy", "fedmagic"], "unknown strategy"),
+        (["--dataset", "cifar"], "unknown dataset"),
+        (["--dataset", "shakespeare", "--model", "cnn"], "does not fit dataset"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--resume", "/nonexistent/run"], "no config.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(["fedavg", "--quiet", "--out", str(tmp_path / "r"), *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_data_is_one_line_exit_2_in_a_real_process(tmp_path):
+    out = _cli(
+        "fedavg", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--quiet",
+        env={"MLSYSKIT_CACHE_DIR": str(tmp_path / "cache"), "MLSYSKIT_MNIST_MIRRORS": "http://127.0.0.1:9/"},
+    )
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_existing_run_is_never_overwritten(tmp_path, data_dir):
+    args = ["fedavg", "--quiet", "--model", "logreg", "--rounds", "1", "--clients", "10", "--out", str(tmp_path / "r")]
+    if data_dir:
+        args += ["--data-dir", str(data_dir)]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "outputs in" in first.stdout
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    second = _cli(*args)
+    assert second.returncode == 2 and "--resume" in second.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
