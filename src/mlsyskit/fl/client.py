@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from mlsyskit.fl.params import ParamSpec, set_flat
+from mlsyskit.fl.params import ParamSpec, get_flat, set_flat
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def train_sequential(
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 torch._foreach_add_(params, grads, alpha=-cfg.lr)
-        out.append(torch.nn.utils.parameters_to_vector(params).detach().clone())
+        out.append(get_flat(model))
         losses.append(total / max(len(plan), 1))
     return torch.stack(out), torch.tensor(losses)
 
@@ -158,13 +158,20 @@ def train_vectorized(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+    model: nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
 ) -> tuple[float, float]:
-    """Accuracy and mean loss of parameters `w` (per character for sequence data)."""
+    """Accuracy and mean loss of parameters `w` (per character for sequence data).
+
+    Images go through in channels-last layout, which oneDNN's convolutions run faster.
+    """
     set_flat(model, w)
+    image = x.dim() == 4
+    if image:
+        model.to(memory_format=torch.channels_last)
     correct, loss_sum, count = 0.0, 0.0, 0
     for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
+        xb = x[i : i + batch_size]
+        logits = model(xb.contiguous(memory_format=torch.channels_last) if image else xb)
         yb = y[i : i + batch_size]
         loss_sum += float(per_sample_loss(logits, yb).sum())
         hit = (logits.argmax(-1) == yb).float()

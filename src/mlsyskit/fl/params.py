@@ -48,8 +48,8 @@ class ParamSpec:
 
 
 def get_flat(model: nn.Module) -> torch.Tensor:
-    """The model's parameters as one detached float32 vector."""
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    """The model's parameters as one detached float32 vector (any memory format)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ from mlsyskit.fl.config import FLConfig
 from mlsyskit.fl.params import get_flat
 from mlsyskit.fl.strategies import Strategy, StrategyOptions, make_strategy
 from mlsyskit.models import build_model
+from mlsyskit.runtime import keep_freed_memory
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RoundResult:
 
 def setup(cfg: FLConfig) -> Federation:
     """Load data, split it across clients, build the model and the strategy."""
+    keep_freed_memory()
     data = load_dataset(cfg.dataset, cfg.data_dir)
     labels = data.train_y.numpy() if data.task == "image" else None
     parts = partition(

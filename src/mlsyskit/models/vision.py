@@ -51,9 +51,11 @@ class CNN(nn.Module):
         self.fc2 = nn.Linear(512, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _flat(x).reshape(x.shape[0], 1, IMAGE_SIZE, IMAGE_SIZE)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        if x.dim() != 4 or x.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):  # keep channels-last input
+            x = _flat(x).reshape(x.shape[0], 1, IMAGE_SIZE, IMAGE_SIZE)
+        # relu(maxpool(x)) == maxpool(relu(x)) exactly (relu is monotone), on 4x fewer values.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
 
