@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.90, help="target test accuracy (default: 0.90)")
     p.add_argument("--max-rounds", type=int, default=300, help="give up after this many rounds (default: 300)")
     p.add_argument("--epochs", default="1,5,20", help="local epochs E of the grid (default: 1,5,20)")
-    p.add_argument("--batches", default="full,50,10", help="local batch sizes B of the grid (default: full,50,10)")
+    p.add_argument("--batches", default="full,25,10", help="local batch sizes B of the grid (default: full,25,10; each client holds 50 digits, so B=50 would equal full)")
     p.add_argument("--partitions", default="iid,shards", help="partitions (default: iid,shards)")
     p.add_argument("--lr", type=float, default=0.1, help="client learning rate, the same for every configuration (default: 0.1)")
     p.add_argument("--clients", type=int, default=100, help="clients (default: 100)")
