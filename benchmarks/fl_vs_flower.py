@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -201,6 +202,8 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         )
     return {
         "system": "plain",
+        "test_size": len(data.test_y),
+        "train_size": len(data.train_y),
         "description": "sequential loop: copy.deepcopy(global) per client, DataLoader(Subset, "
         f"batch_size={BATCH_SIZE}, shuffle=True), torch.optim.SGD(lr={LR}), {LOCAL_EPOCHS} epoch; "
         "sample-weighted average of state_dicts; DataLoader(test, "
@@ -233,6 +236,7 @@ def _run_mlsyskit(cfg_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
     from mlsyskit.fl import simulation as sim
 
     marks: dict[str, Any] = {"round_start": {}, "sampled": {}, "eval_s": {}, "current": None}
+    eval_batch = inspect.signature(sim.evaluate).parameters.get("batch_size")
     originals = {name: getattr(sim, name) for name in ("setup", "run_round", "evaluate", "finish")}
 
     def setup(cfg: Any) -> Any:
@@ -298,6 +302,7 @@ def _run_mlsyskit(cfg_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
         "setup_s": marks.get("setup_s"),
         "finish_s": marks.get("finish_s"),
         "client_exec": marks.get("client_exec"),
+        "eval_batch_size": None if eval_batch is None else eval_batch.default,
         "torch_threads": torch.get_num_threads(),
         "test_source": summary.get("test_source"),
         "summary_final_accuracy": summary.get("final_accuracy"),
@@ -339,6 +344,7 @@ def run_mlsyskit(args: argparse.Namespace) -> dict[str, Any]:
 # `task.py`: every actor process loads the data once, then builds its partition's
 # DataLoader on each call.
 _FLOWER_CLIENT_DATA: dict[tuple[str, int], Any] = {}
+_FLOWER_DATA_LOADS = [0]  # loads in this actor process (1 if the cache works)
 
 
 def _flower_client_data(data_dir: str, num_partitions: int) -> Any:
@@ -352,6 +358,7 @@ def _flower_client_data(data_dir: str, num_partitions: int) -> Any:
         parts = partition(data.train_y.numpy(), num_partitions, "iid", seed=SEED)
         # Keep only the training tensors (the test set lives on the server).
         _FLOWER_CLIENT_DATA[key] = (TensorDataset(data.train_x, data.train_y), parts)
+        _FLOWER_DATA_LOADS[0] += 1
     return _FLOWER_CLIENT_DATA[key]
 
 
@@ -386,6 +393,7 @@ def flower_client_train(msg: Any, context: Any) -> Any:
             "partition-id": partition_id,
             "torch-threads": torch.get_num_threads(),
             "pid": os.getpid(),
+            "data-loads": _FLOWER_DATA_LOADS[0],
         }
     )
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
@@ -422,7 +430,7 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
     test_loader = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=FLOWER_EVAL_BATCH)
     torch.manual_seed(SEED)
     initial_arrays = ArrayRecord(build_model(MODEL).state_dict())
-    test_source = data.test_source
+    test_source, test_size = data.test_source, len(data.test_y)
     del data
 
     timing: dict[int, dict[str, Any]] = {}
@@ -445,6 +453,7 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
             rec["clients"] = sorted(int(m.content["metrics"]["partition-id"]) for m in ok)
             rec["actor_pids"] = sorted({int(m.content["metrics"]["pid"]) for m in ok})
             rec["actor_torch_threads"] = sorted({int(m.content["metrics"]["torch-threads"]) for m in ok})
+            rec["actor_data_loads_max"] = max((int(m.content["metrics"]["data-loads"]) for m in ok), default=0)
             rec["errors"] = [str(m.error.reason) for m in replies if m.has_error()]
             out = super().aggregate_train(server_round, replies)
             rec["train_end"] = time.perf_counter()
@@ -496,6 +505,18 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     backend_config_report = json.loads(json.dumps(backend_config))
+
+    # Timestamp only: when Ray is up and the actor pool is built (Flower starts the
+    # ServerApp, and with it the round-0 evaluation, while Ray is still starting).
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    original_build = RayBackend.build
+
+    def build(self: Any, app_fn: Any) -> None:
+        original_build(self, app_fn)
+        box["ray_ready_wall"] = _wall()
+
+    RayBackend.build = build
     t_sim = time.perf_counter()
     run_simulation(
         server_app=server_app,
@@ -527,6 +548,7 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
                 "clients": t["clients"],
                 "actor_pids": t["actor_pids"],
                 "actor_torch_threads": t["actor_torch_threads"],
+                "actor_data_loads_max": t["actor_data_loads_max"],
             }
         )
     init_eval = timing.get(0, {})
@@ -550,9 +572,12 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
         "eval_batch_size": FLOWER_EVAL_BATCH,
         "server_torch_threads": torch.get_num_threads(),
         "test_source": test_source,
+        "test_size": test_size,
         "initial_eval_s": (init_eval["eval_end"] - init_eval["eval_start"]) if init_eval else None,
         "initial_eval_note": "Strategy.start() evaluates the initial model (round 0) before round 1 "
-        "when evaluate_fn is given; that evaluation is excluded from startup_s and from the rounds",
+        "when evaluate_fn is given; it runs while Ray is still starting (in parallel), so it is "
+        "part of startup_s, and excluded from the rounds",
+        "ray_ready_wall": box.get("ray_ready_wall"),
         "simulation_s": sim_s,
         "ray_initialized_after_run": ray_still_up,
         "rounds": rows,
@@ -831,23 +856,37 @@ def run_child(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, A
     )
     if args.data_dir:
         env["MLSYSKIT_DATA_DIR"] = args.data_dir
+    import psutil
+
+    def busy_s() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    me = psutil.Process()
     load_before = os.getloadavg()
+    busy0, mine0 = busy_s(), sum(me.cpu_times()[:2])
     with open(log, "w") as logf:
         spawn = _wall()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         mem = watch_tree(proc, args.poll_interval, args.pss_interval, args.child_timeout)
     end = _wall()
+    busy, mine = busy_s() - busy0, sum(me.cpu_times()[:2]) - mine0
     res: dict[str, Any] = {"exit_code": proc.returncode, "log": str(log), "process_wall_s": end - spawn}
     res["loadavg_1m_before"] = round(load_before[0], 2)
     res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     res.update(mem)
+    # CPU seconds the rest of the machine used meanwhile (other users' jobs): the noise check.
+    res["cpu_s_monitor"] = mine
+    res["cpu_s_other_processes"] = max(busy - mem["cpu_s_tree"] - mine, 0.0)
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text(errors="replace").splitlines()[-40:]
         res["error"] = "\n".join(tail)
         return res
     child = json.loads(out.read_text())
     if child.get("first_round_wall"):
-        res["startup_s"] = child["first_round_wall"] - spawn - (child.get("initial_eval_s") or 0.0)
+        res["startup_s"] = child["first_round_wall"] - spawn
+    if child.get("ray_ready_wall"):
+        res["ray_ready_s"] = child.pop("ray_ready_wall") - spawn
     if child.get("last_round_end_wall"):
         res["teardown_s"] = end - child["last_round_end_wall"]
     for key in ("first_round_wall", "last_round_end_wall", "child_done_wall"):
@@ -956,6 +995,80 @@ def compare(systems: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
     return {"ratios": ratios, "goals": goals, "accuracy_tolerance": tol}
 
 
+def roofline(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How close each system runs to this CPU's FP32 peak, and what the speed goals demand.
+
+    FLOPs come from torch's FlopCounterMode on the CNN; the peak is a 2048^3 SGEMM with
+    all threads (measured here, after every timed run has finished).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mlsyskit.models import build_model
+
+    model = build_model(MODEL)
+    x, y = torch.randn(BATCH_SIZE, 1, 28, 28), torch.randint(0, 10, (BATCH_SIZE,))
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(x), y).backward()
+    train_per_sample = fc.get_total_flops() / BATCH_SIZE
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    fwd_per_sample = fc.get_total_flops() / BATCH_SIZE
+    train_n = next((v["train_size"] for v in systems.values() if v.get("train_size")), 5000)
+    samples = max(int(round(FRACTION * CLIENTS)), 1) * (train_n // CLIENTS) * LOCAL_EPOCHS
+    test_n = next((v["test_size"] for v in systems.values() if v.get("test_size")), 10000)
+    train_flop, eval_flop = train_per_sample * samples, fwd_per_sample * test_n
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    peak = 2 * 2048**3 / best
+
+    def gflops(flop: float, sec: float | None) -> float | None:
+        return None if not sec else flop / sec / 1e9
+
+    achieved = {
+        n: {
+            "train_gflops": gflops(train_flop, systems[n].get("train_s_mean")),
+            "eval_gflops": gflops(eval_flop, systems[n].get("eval_s_mean")),
+        }
+        for n in CNN_SYSTEMS
+        if n in systems and systems[n].get("train_s_mean")
+    }
+    fl = systems.get("flower", {})
+    need: dict[str, Any] = {}
+    if fl.get("train_s_mean"):
+        t = fl["train_s_mean"] / GOAL_TRAIN_VS_FLOWER
+        need["train_4x_flower"] = {"max_train_s": t, "needs_gflops": train_flop / t / 1e9}
+    if systems.get("plain", {}).get("train_s_mean"):
+        t = systems["plain"]["train_s_mean"] / GOAL_TRAIN_VS_PLAIN
+        need["train_1.8x_plain"] = {"max_train_s": t, "needs_gflops": train_flop / t / 1e9}
+    if fl.get("round_s_mean"):
+        t = fl["round_s_mean"] / GOAL_ROUND_VS_FLOWER
+        need["round_4x_flower"] = {"max_round_s": t, "needs_gflops": (train_flop + eval_flop) / t / 1e9}
+    for v in need.values():
+        v["fraction_of_sgemm_peak"] = v["needs_gflops"] * 1e9 / peak
+    return {
+        "train_flop_per_round": train_flop,
+        "eval_flop_per_round": eval_flop,
+        "train_samples_per_round": samples,
+        "test_images": test_n,
+        "sgemm_peak_gflops": peak / 1e9,
+        "sgemm_threads": torch.get_num_threads(),
+        "achieved": achieved,
+        "goals_need": need,
+        "note": "FLOPs from torch.utils.flop_counter (forward+backward per training sample, forward "
+        "per test image); the same exact FP32 FedAvg computation is required of every system, so "
+        "a goal that needs more than ~100% of the SGEMM peak cannot be met by any implementation "
+        "of this experiment on this machine",
+    }
+
+
 def plot(systems: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
     import matplotlib
 
@@ -977,7 +1090,8 @@ def plot(systems: dict[str, dict[str, Any]], path: Path, rounds: int) -> None:
     ax.set_ylabel("seconds per round")
     skipped = f"rounds 2-{rounds}, round 1 skipped" if rounds > 1 else "1 round"
     ax.set_title(f"FedAvg MNIST-5k CNN, 10 of 100 clients/round ({skipped})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.25 * max(whole))
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1026,6 +1140,15 @@ def print_table(report: dict[str, Any]) -> None:
                 "round_speedup_vs_plain", "memory_ratio_vs_flower"))
         )
     )
+    rf = report.get("roofline")
+    if rf:
+        parts = [
+            f"{n} train {_fmt(v['train_gflops'], '.0f')}/eval {_fmt(v['eval_gflops'], '.0f')}"
+            for n, v in rf["achieved"].items()
+        ]
+        print(f"GFLOP/s achieved (SGEMM peak here {rf['sgemm_peak_gflops']:.0f}): " + "; ".join(parts))
+        for name, v in rf["goals_need"].items():
+            print(f"  {name} needs {v['needs_gflops']:.0f} GFLOP/s = {v['fraction_of_sgemm_peak']:.0%} of the SGEMM peak")
     for g in report.get("goals", []):
         v = g["value"]
         shown = ", ".join(f"{k}={_fmt(x, '+.4f')}" for k, x in v.items()) if isinstance(v, dict) else _fmt(v, ".2f")
@@ -1098,12 +1221,16 @@ def parent_main(args: argparse.Namespace) -> int:
             "sampling_note": "plain and mlsyskit use np.random.default_rng([0, round]).choice(100, 10, "
             "replace=False) sorted; Flower samples with its own random.sample, see "
             "systems.flower.clients_per_round and same_clients_as_mlsyskit",
-            "eval_batch_size": {"plain": PLAIN_EVAL_BATCH, "flower": FLOWER_EVAL_BATCH, "mlsyskit": 1000},
+            "eval_batch_size": {
+                "plain": PLAIN_EVAL_BATCH,
+                "flower": FLOWER_EVAL_BATCH,
+                "mlsyskit": "see systems.mlsyskit.eval_batch_size (mlsyskit.fl.client.evaluate's default)",
+            },
             "timing_note": "means and medians skip round 1 (warm-up: first-call initialisation, "
             "Flower's actors loading their data); round-1 values are reported as *_round1. "
             "startup_s = from spawning the system's process to the start of round 1 (imports, "
-            "data loading, Ray start, model build); Flower's initial (round-0) evaluation is "
-            "excluded from it and reported as initial_eval_s",
+            "data loading, Ray start, model build; for Flower also its round-0 evaluation of "
+            "the initial model, which overlaps Ray's start; see initial_eval_s and ray_ready_s)",
             "memory_note": f"peak of the sum of RSS over the system's whole process tree, polled every "
             f"{args.poll_interval} s (shared pages are counted once per process); peak_pss_mib "
             f"(sampled every {args.pss_interval} s) counts shared pages proportionally",
@@ -1115,6 +1242,8 @@ def parent_main(args: argparse.Namespace) -> int:
     if fl.get("clients_per_round") and ml.get("clients_per_round"):
         fl["same_clients_as_mlsyskit"] = fl["clients_per_round"] == ml["clients_per_round"]
     report.update(compare(results, args.rounds))
+    if any(results.get(n, {}).get("train_s_mean") for n in CNN_SYSTEMS):
+        report["roofline"] = roofline(results)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlsyskit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mlsyskit {args.command}: interrupted", file=sys.stderr)
+        print(f"mlsyskit {args.command}: interrupted; the last checkpoint is kept (--resume DIR continues)", file=sys.stderr)
         return 130
 
 

@@ -59,9 +59,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def test_vmap_and_sequential_runs_agree(tmp_path, data_dir):
-    seq = run(_cfg(tmp_path, "seq", data_dir, client_exec="sequential", rounds=2), progress=False)
-    vec = run(_cfg(tmp_path, "vec", data_dir, client_exec="vmap", rounds=2), progress=False)
+@pytest.mark.parametrize("model", ["2nn", "cnn"])
+def test_vmap_and_sequential_runs_agree(tmp_path, data_dir, model):
+    kw = dict(rounds=2, model=model, eval_every=2)
+    seq = run(_cfg(tmp_path, "seq", data_dir, client_exec="sequential", **kw), progress=False)
+    vec = run(_cfg(tmp_path, "vec", data_dir, client_exec="vmap", **kw), progress=False)
     assert seq["client_exec"] == "sequential" and vec["client_exec"] == "vmap"
     assert vec["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=2e-3)
 

@@ -156,7 +156,7 @@ def train_vectorized(
     return spec.flatten(stacked, batch_dims=1), loss_sum / steps
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the model's weights must stay usable for training
 def evaluate(
     model: nn.Module, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
 ) -> tuple[float, float]:

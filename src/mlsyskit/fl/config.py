@@ -30,7 +30,7 @@ class FLConfig:
     partition: str | None = _f(None, "how data is split: iid, shards (2 label-sorted shards per client), dirichlet (label skew), natural (one client per role); default iid for images, natural for shakespeare")
     alpha: float = _f(0.5, "Dirichlet concentration for --partition dirichlet (smaller = more skew)")
     fraction: float = _f(0.1, "client fraction C sampled each round, in (0, 1]")
-    local_epochs: int = _f(1, "local epochs E per round")
+    local_epochs: int = _f(5, "local epochs E per round")
     batch_size: int | None = _f(10, "local batch size B, or 'full' for the whole client data set (FedSGD is E=1, B=full)", metavar="B|full")
     lr: float = _f(0.05, "client learning rate (plain SGD)")
     rounds: int = _f(20, "communication rounds")

@@ -166,6 +166,8 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
     cfg = cfg.resolved()
     out = rundir.new_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
     cfg = dataclasses.replace(cfg, out=str(out))
+    if progress:
+        print(f"run directory: {out} (continue a killed run with --resume {out})", file=sys.stderr)
     fed = setup(cfg)
     rundir.write_json(out / rundir.CONFIG, cfg.to_json())
     stats = partition_stats(fed.parts, fed.data.train_y.numpy() if fed.data.task == "image" else None, fed.data.num_classes if fed.data.task == "image" else None)
