@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests check correctness, not speed: one thread per process keeps them fast and stable on a
+# shared machine, where torch's multi-threaded small ops can stall badly under contention.
+# Set before torch is imported so CLI subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -44,6 +44,7 @@ def test_fedavg_help_documents_every_flag_with_default():
         (["--dataset", "cifar"], "unknown dataset"),
         (["--dataset", "shakespeare", "--model", "cnn"], "does not fit dataset"),
         (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--resume", "/nonexistent/run"], "no config.json"),
     ],
 )

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a checkpoint that --resume continues.",
     )
     _add_config_flags(fed, FLConfig)
-    fed.add_argument("--resume", metavar="DIR", default=None, help="continue the killed run in DIR from its last checkpoint (same trajectory as an uninterrupted run); only --rounds, --target-accuracy, --eval-every, --checkpoint-every and --parallel-clients may change (default: off)")
+    fed.add_argument("--resume", metavar="DIR", default=None, help="continue the killed run in DIR from its last checkpoint (same trajectory as an uninterrupted run); only --rounds, --target-accuracy, --eval-every, --checkpoint-every, --parallel-clients and --threads may change (default: off)")
     fed.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     fed.set_defaults(func=_fedavg)
     return parser

@@ -49,6 +49,7 @@ class FLConfig:
     eval_every: int = _f(1, "evaluate on the test set every this many rounds (and always on the last)")
     client_exec: str = _f("auto", "how sampled clients train: vmap (vectorized, default where the model allows), sequential (the naive reference loop), auto")
     parallel_clients: int = _f(64, "clients trained at once by the vectorized path (bounds memory)")
+    threads: int | None = _f(None, "CPU threads for torch (default: all cores; on a busy shared machine 1 can be much faster, above all for the LSTM)")
     checkpoint_every: int = _f(1, "write a resumable checkpoint every this many rounds")
     out: str | None = _f(None, "run directory for outputs (default runs/<dataset>-<strategy>-<time>)")
 
@@ -112,6 +113,7 @@ class FLConfig:
         )
         need(self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})")
         need(self.parallel_clients >= 1, f"--parallel-clients must be at least 1 (got {self.parallel_clients})")
+        need(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
 
     def to_json(self) -> dict[str, Any]:

@@ -70,6 +70,8 @@ class RoundResult:
 def setup(cfg: FLConfig) -> Federation:
     """Load data, split it across clients, build the model and the strategy."""
     keep_freed_memory()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     labels = data.train_y.numpy() if data.task == "image" else None
     parts = partition(
@@ -182,7 +184,7 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
     return _loop(fed, out, start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
 
 
-RESUME_OVERRIDES = ("rounds", "target_accuracy", "eval_every", "checkpoint_every", "parallel_clients")
+RESUME_OVERRIDES = ("rounds", "target_accuracy", "eval_every", "checkpoint_every", "parallel_clients", "threads")
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
