@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SHARED_DATA := $(abspath ../shared/data)
 export MLSYSKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest -q
+
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -105,3 +105,17 @@ def test_target_accuracy_stops_early(tmp_path, data_dir):
 def test_thousand_clients_run(tmp_path, data_dir):
     summary = run(_cfg(tmp_path, "k", data_dir, clients=1000, fraction=0.1, rounds=1, batch_size=None, model="cnn"), progress=False)
     assert summary["clients"] == 1000 and summary["rounds_run"] == 1
+
+
+def test_shakespeare_roles_as_clients_lstm_learns(tmp_path, data_dir):
+    if data_dir is None or not (data_dir / "shakespeare" / "input.txt").exists():
+        pytest.skip("Tiny Shakespeare not found beside the checkout")
+    cfg = FLConfig(dataset="shakespeare", data_dir=str(data_dir), clients=6, fraction=1.0, local_epochs=1,
+                   rounds=2, out=str(tmp_path / "sh"))
+    summary = run(cfg, progress=False)
+    assert summary["model"] == "lstm" and summary["partition"] == "natural" and summary["client_exec"] == "sequential"
+    rows = _rows(tmp_path / "sh")
+    assert rows[1]["test_loss"] < rows[0]["test_loss"] < 4.2  # ln(65) = 4.17 is a uniform guess
+    part = json.loads((tmp_path / "sh" / "partition.json").read_text())
+    assert len(part["client_names"]) == 6 and part["label_histograms"] is None
+    assert json.loads((tmp_path / "sh" / "config.json").read_text())["lr"] == 1.47

@@ -120,11 +120,18 @@ def train_vectorized(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train K clients at once: vmap(grad) over stacked parameters, one SGD step per batch.
 
-    Clients whose plan is shorter (fewer samples) get all-zero masks on the extra steps,
-    which zero their whole gradient (including FedProx's term), so they stand still.
+    Clients are ordered by their number of steps, longest first, so the clients still
+    training at step s are a prefix of the stack: each step runs on a view of just those,
+    and a client with little data costs nothing once it is done. A client's last, smaller
+    batch is padded with zero-weight samples.
     """
     spec = ParamSpec.of(model)
     k = len(clients.indices)
+    order = sorted(range(k), key=lambda c: -len(clients.plans[c]))
+    steps = [len(clients.plans[c]) for c in order]
+    clients = ClientBatch(
+        [clients.indices[c] for c in order], [clients.plans[c] for c in order], [clients.flip_labels[c] for c in order]
+    )
     stacked = spec.unflatten(global_w.expand(k, -1))
     anchor = spec.unflatten(global_w) if cfg.mu > 0 else None
     index, mask = _padded_plan(clients)
@@ -134,26 +141,28 @@ def train_vectorized(
     def client_loss(
         params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = m.sum()
-        data_loss = (per_sample_loss(functional_call(model, params, (x,)), y) * m).sum() / n.clamp_min(1)
+        data_loss = (per_sample_loss(functional_call(model, params, (x,)), y) * m).sum() / m.sum()
         loss = data_loss
         if anchor is not None:
             prox = sum(((params[name] - anchor[name]) ** 2).sum() for name in spec.names)
             loss = loss + 0.5 * mu * prox
-        return loss * (n > 0), data_loss.detach()  # report the data loss, as the reference does
+        return loss, data_loss.detach()  # report the data loss, as the reference does
 
     step_fn = vmap(grad_and_value(client_loss, has_aux=True))
     names = list(spec.names)
     loss_sum = torch.zeros(k)
     for s in range(index.shape[1]):
-        sel = index[:, s]
+        a = sum(n > s for n in steps)  # clients still training: a prefix of the stack
+        live = {n: stacked[n][:a] for n in names}  # views: updating them updates the stack
+        sel = index[:a, s]
         x, y = train_x[sel], train_y[sel]
-        y = torch.where(flip.view(-1, *([1] * (y.dim() - 1))), num_classes - 1 - y, y)
-        grads, (_, loss) = step_fn(stacked, x, y, mask[:, s])
-        torch._foreach_add_([stacked[n] for n in names], [grads[n] for n in names], alpha=-cfg.lr)
-        loss_sum += loss.detach()
-    steps = torch.tensor([max(len(p), 1) for p in clients.plans], dtype=torch.float32)
-    return spec.flatten(stacked, batch_dims=1), loss_sum / steps
+        y = torch.where(flip[:a].view(-1, *([1] * (y.dim() - 1))), num_classes - 1 - y, y)
+        grads, (_, loss) = step_fn(live, x, y, mask[:a, s])
+        torch._foreach_add_([live[n] for n in names], [grads[n] for n in names], alpha=-cfg.lr)
+        loss_sum[:a] += loss.detach()
+    inverse = torch.argsort(torch.tensor(order))
+    mean_loss = loss_sum / torch.tensor([max(n, 1) for n in steps], dtype=torch.float32)
+    return spec.flatten(stacked, batch_dims=1)[inverse], mean_loss[inverse]
 
 
 @torch.no_grad()  # not inference_mode: the model's weights must stay usable for training

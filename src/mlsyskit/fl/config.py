@@ -15,6 +15,7 @@ from mlsyskit.errors import UserError
 
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip", "nan")
 CLIENT_EXEC = ("auto", "vmap", "sequential")
+DEFAULT_LR = {"lstm": 1.47, "transformer": 0.5}  # image models: 0.05
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -32,7 +33,7 @@ class FLConfig:
     fraction: float = _f(0.1, "client fraction C sampled each round, in (0, 1]")
     local_epochs: int = _f(5, "local epochs E per round")
     batch_size: int | None = _f(10, "local batch size B, or 'full' for the whole client data set (FedSGD is E=1, B=full)", metavar="B|full")
-    lr: float = _f(0.05, "client learning rate (plain SGD)")
+    lr: float | None = _f(None, "client learning rate, plain SGD (default 0.05 for image models, 1.47 for the lstm as in McMahan et al., 0.5 for the transformer)")
     rounds: int = _f(20, "communication rounds")
     strategy: str = _f("fedavg", "server strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean, krum, multi-krum")
     mu: float = _f(0.01, "FedProx proximal weight mu")
@@ -58,9 +59,11 @@ class FLConfig:
         char = self.dataset == "shakespeare"
         partition = self.partition or ("natural" if char else "iid")
         default_clients = None if partition == "natural" else 100
+        model = self.model or ("lstm" if char else "cnn")
         cfg = dataclasses.replace(
             self,
-            model=self.model or ("lstm" if char else "cnn"),
+            model=model,
+            lr=self.lr if self.lr is not None else DEFAULT_LR.get(model, 0.05),
             partition=partition,
             clients=self.clients if self.clients is not None else default_clients,
         )
@@ -90,7 +93,7 @@ class FLConfig:
         need(self.client_exec in CLIENT_EXEC, f"unknown --client-exec {self.client_exec!r}; choose one of: {', '.join(CLIENT_EXEC)}")
         need(self.clients is None or self.clients >= 1, f"--clients must be at least 1 (got {self.clients})")
         need(0 < self.fraction <= 1, f"--fraction must be in (0, 1] (got {self.fraction}); e.g. --fraction 0.1")
-        need(self.lr > 0, f"--lr must be positive (got {self.lr}); e.g. --lr 0.05")
+        need(self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr}); e.g. --lr 0.05")
         need(self.local_epochs >= 1, f"--local-epochs must be at least 1 (got {self.local_epochs})")
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1 or 'full' (got {self.batch_size})")
         need(self.rounds >= 1, f"--rounds must be at least 1 (got {self.rounds})")

@@ -177,11 +177,20 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
         clients=len(fed.parts),
         scheme=cfg.partition,
         malicious=fed.malicious.tolist(),
-        client_names=fed.data.client_names if cfg.partition == "natural" else None,
+        client_names=_role_names(fed) if cfg.partition == "natural" else None,
         test_source=fed.data.test_source,
     )
     rundir.write_json(out / rundir.PARTITION, stats)
     return _loop(fed, out, start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
+
+
+def _role_names(fed: Federation) -> list[str] | None:
+    """Names of the natural clients (roles) that the partition chose, in client order."""
+    names, natural = fed.data.client_names, fed.data.natural_clients
+    if names is None or natural is None:
+        return None
+    by_first = {int(idx[0]): name for idx, name in zip(natural, names, strict=True) if len(idx)}
+    return [by_first.get(int(p[0]), "?") for p in fed.parts]
 
 
 RESUME_OVERRIDES = ("rounds", "target_accuracy", "eval_every", "checkpoint_every", "parallel_clients", "threads")
