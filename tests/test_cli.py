@@ -46,6 +46,7 @@ def test_fedavg_help_documents_every_flag_with_default():
         (["--dropout", "1"], "--dropout must be in [0, 1)"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--resume", "/nonexistent/run"], "no config.json"),
+        (["--out", "/proc/version/run"], "cannot write the run directory"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path, capsys):
@@ -109,3 +110,14 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path, data_dir):
 
     assert rows(killed) == rows(tmp_path / "full")
     assert len(rows(killed)) == 60
+
+
+def test_resume_refuses_a_changed_flag(tmp_path, data_dir, capsys):
+    args = ["fedavg", "--quiet", "--model", "logreg", "--rounds", "1", "--clients", "10", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    capsys.readouterr()
+    for extra, flag in ((["--batch-size", "full"], "--batch-size"), (["--lr", "0.3"], "--lr")):
+        assert main(["fedavg", "--quiet", "--resume", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "cannot change" in err
+    assert main(["fedavg", "--quiet", "--resume", str(tmp_path / "r"), "--rounds", "2"]) == 0

@@ -62,7 +62,7 @@ def _fedavg(args: argparse.Namespace) -> int:
     given = {k: v for k, v in given.items() if v is not None and v != FULL}
     if args.resume:
         if full:
-            given["batch_size"] = None
+            given["batch_size"] = None  # given explicitly: resume refuses a change
         summary = resume(args.resume, given, progress=not args.quiet)
     else:
         cfg = FLConfig(**given)

@@ -47,8 +47,14 @@ def test_end_to_end_learns_real_digits_and_writes_outputs(tmp_path, data_dir):
     assert sum(v.numel() for v in weights.values()) == summary["parameters"]
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
-    kw = dict(rounds=4, strategy="fedadam", partition="shards")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rounds=4, strategy="fedadam", partition="shards"),
+        dict(rounds=3, model="cnn", client_exec="sequential", strategy="fedavgm"),
+    ],
+)
+def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir, kw):
     full = run(_cfg(tmp_path, "full", data_dir, **kw), progress=False)
     assert run(_cfg(tmp_path, "cut", data_dir, **kw), progress=False, stop_after=2) == {"stopped_at": 2}
     assert len(_rows(tmp_path / "cut")) == 2
@@ -65,7 +71,10 @@ def test_vmap_and_sequential_runs_agree(tmp_path, data_dir, model):
     seq = run(_cfg(tmp_path, "seq", data_dir, client_exec="sequential", **kw), progress=False)
     vec = run(_cfg(tmp_path, "vec", data_dir, client_exec="vmap", **kw), progress=False)
     assert seq["client_exec"] == "sequential" and vec["client_exec"] == "vmap"
-    assert vec["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=2e-3)
+    # Same batches, same math; float rounding differs between the paths, and in the CNN a
+    # rare max-pool argmax near-tie can flip and route one gradient elsewhere, which SGD then
+    # amplifies: the runs agree closely, not bit for bit.
+    assert vec["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=1e-2)
 
 
 def test_robust_aggregation_survives_sign_flip_where_fedavg_collapses(tmp_path, data_dir):
@@ -119,3 +128,26 @@ def test_shakespeare_roles_as_clients_lstm_learns(tmp_path, data_dir):
     part = json.loads((tmp_path / "sh" / "partition.json").read_text())
     assert len(part["client_names"]) == 6 and part["label_histograms"] is None
     assert json.loads((tmp_path / "sh" / "config.json").read_text())["lr"] == 1.47
+
+
+def test_overflowing_aggregate_keeps_the_old_model(tmp_path, data_dir):
+    # Every client update is finite, but a (silly) server step of 1e39 overflows float32:
+    # the round must not commit the inf model.
+    summary = run(_cfg(tmp_path, "inf", data_dir, strategy="fedadam", server_lr=1e39, fraction=1.0, rounds=2), progress=False)
+    rows = _rows(tmp_path / "inf")
+    assert all(len(r["rejected"]) == 20 for r in rows)
+    assert summary["final_accuracy"] == rows[0]["test_accuracy"]  # the initial model, twice
+    weights = load_file(str(tmp_path / "inf" / "model.safetensors"))
+    assert all(v.isfinite().all() for v in weights.values())
+
+
+def test_resume_refuses_other_data(tmp_path, data_dir, monkeypatch):
+    if data_dir is None:
+        pytest.skip("needs the real MNIST test set to change what mnist-5k trains on")
+    monkeypatch.setenv("MLSYSKIT_DATA_DIR", str(data_dir))
+    cfg = _cfg(tmp_path, "d", None, rounds=3)
+    run(cfg, progress=False, stop_after=1)
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert saved["data_dir"] == str(data_dir.resolve())  # recorded, not left to the environment
+    monkeypatch.delenv("MLSYSKIT_DATA_DIR")
+    assert resume(tmp_path / "d", progress=False)["rounds_run"] == 3  # found again from config.json

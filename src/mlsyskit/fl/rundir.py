@@ -35,6 +35,16 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of the run directory ({} if it is missing)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
@@ -46,7 +56,13 @@ def new_run_dir(path: Path) -> Path:
         raise UserError(
             f"{path} already holds a run; continue it with --resume {path} or choose another --out"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run directory --out {path}: {e.strerror or e}") from None
     return path
 
 

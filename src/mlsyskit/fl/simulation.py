@@ -10,6 +10,7 @@ follows exactly the trajectory of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from mlsyskit.fl.client import (
     train_vectorized,
 )
 from mlsyskit.fl.config import FLConfig
-from mlsyskit.fl.params import get_flat
+from mlsyskit.fl.params import get_flat, set_flat
 from mlsyskit.fl.strategies import Strategy, StrategyOptions, make_strategy
 from mlsyskit.models import build_model
 from mlsyskit.runtime import keep_freed_memory
@@ -81,6 +82,10 @@ def setup(cfg: FLConfig) -> Federation:
         raise UserError(f"--malicious {cfg.malicious} exceeds the {len(parts)} clients")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, vocab_size=data.num_classes)
+    if data.task == "image":
+        # Channels-last from the start (evaluation runs faster in it), so every round of a
+        # run, resumed or not, computes in the same layout and gives the same floats.
+        model.to(memory_format=torch.channels_last)
     supports = bool(getattr(model, "supports_vmap", False))
     if cfg.client_exec == "vmap" and not supports:
         raise UserError(f"model {cfg.model!r} cannot train under vmap; use --client-exec sequential or auto")
@@ -143,7 +148,16 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
     ok = finite_rows(models)
     rejected = active[~ok.numpy()].tolist()
     weights = torch.from_numpy(fed.counts[active]).float()
-    new_w = fed.strategy.aggregate(global_w, models[ok], weights[ok]) if ok.any() else global_w
+    new_w = global_w
+    if ok.any():
+        saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
+        new_w = fed.strategy.aggregate(global_w, models[ok], weights[ok])
+        if not torch.isfinite(new_w).all():
+            # Finite updates can still overflow when combined (huge scaled attacks, an
+            # adaptive server step): keep the old model and the old server state.
+            fed.strategy.load_state_dict(saved)
+            new_w = global_w
+            rejected = active.tolist()
     finite_loss = losses[torch.isfinite(losses)]
     return RoundResult(
         global_w=new_w,
@@ -167,7 +181,10 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
     """
     cfg = cfg.resolved()
     out = rundir.new_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
-    cfg = dataclasses.replace(cfg, out=str(out))
+    # Record where the data really came from, so --resume rebuilds the same data set
+    # whatever the environment or working directory is then.
+    data_dir = cfg.data_dir or os.environ.get("MLSYSKIT_DATA_DIR") or None
+    cfg = dataclasses.replace(cfg, out=str(out), data_dir=str(Path(data_dir).resolve()) if data_dir else None)
     if progress:
         print(f"run directory: {out} (continue a killed run with --resume {out})", file=sys.stderr)
     fed = setup(cfg)
@@ -181,7 +198,7 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
         test_source=fed.data.test_source,
     )
     rundir.write_json(out / rundir.PARTITION, stats)
-    return _loop(fed, out, start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
+    return _loop(fed, out, [], start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
 
 
 def _role_names(fed: Federation) -> list[str] | None:
@@ -206,28 +223,37 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, prog
     if not (out / rundir.CONFIG).exists():
         raise UserError(f"--resume {out}: no {rundir.CONFIG} there; pass the --out folder of an earlier run")
     saved = FLConfig.from_json(out / rundir.CONFIG)
-    changed = {k: v for k, v in (overrides or {}).items() if v is not None and getattr(saved, k) != v}
+    changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
     bad = sorted(set(changed) - set(RESUME_OVERRIDES))
     if bad:
         flags = ", ".join("--" + b.replace("_", "-") for b in bad)
         raise UserError(f"--resume continues a run with its saved config; {flags} cannot change (start a new run with --out)")
     cfg = dataclasses.replace(saved, **changed).resolved()
     fed = setup(cfg)
+    recorded = rundir.read_json(out / rundir.PARTITION).get("sample_counts")
+    if recorded is not None and recorded != fed.counts.tolist():
+        raise UserError(
+            f"the data found now ({fed.data.test_source.split(';')[0]}) split differently from the run in {out}; "
+            "resume with the same data folder (--data-dir) it started with"
+        )
     rnd, global_w, state = rundir.load_checkpoint(out)
     if rnd == 0:
         global_w = get_flat(fed.model)
     elif global_w.numel() != fed.num_params:
         raise UserError(f"checkpoint in {out} does not match model {cfg.model!r}; start a new run")
     fed.strategy.load_state_dict(state)
-    rundir.rewrite_metrics(out, rundir.read_metrics(out, upto_round=rnd))
+    rows = rundir.read_metrics(out, upto_round=rnd)
+    rundir.rewrite_metrics(out, rows)
     rundir.write_json(out / rundir.CONFIG, cfg.to_json())
-    return _loop(fed, out, start=rnd, global_w=global_w, progress=progress, stop_after=stop_after)
+    return _loop(fed, out, rows, start=rnd, global_w=global_w, progress=progress, stop_after=stop_after)
 
 
-def _loop(fed: Federation, out: Path, *, start: int, global_w: torch.Tensor, progress: bool, stop_after: int | None) -> dict[str, Any]:
+def _loop(
+    fed: Federation, out: Path, rows: list[dict[str, Any]], *, start: int, global_w: torch.Tensor, progress: bool, stop_after: int | None
+) -> dict[str, Any]:
+    """Rounds start+1..R; `rows` are the metrics already on disk (a resumed run's)."""
     cfg = fed.cfg
     bytes_model = 4 * fed.num_params
-    rows = rundir.read_metrics(out)
     bar = tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.strategy} {cfg.dataset}", unit="round", file=sys.stderr, disable=not progress)
     reached = next((r["round"] for r in rows if cfg.target_accuracy and (r.get("test_accuracy") or 0) >= cfg.target_accuracy), None)
     rnd = start
@@ -272,8 +298,6 @@ def _loop(fed: Federation, out: Path, *, start: int, global_w: torch.Tensor, pro
 
 def finish(fed: Federation, out: Path, rows: list[dict[str, Any]], global_w: torch.Tensor, reached: int | None) -> dict[str, Any]:
     """Write the final model, summary.json and accuracy.png."""
-    from mlsyskit.fl.params import set_flat
-
     cfg = fed.cfg
     set_flat(fed.model, global_w)
     rundir.save_tensors(out / rundir.MODEL, dict(fed.model.state_dict()), {"model": cfg.model, "dataset": cfg.dataset})

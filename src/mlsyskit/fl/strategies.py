@@ -42,6 +42,7 @@ class Strategy:
     """FedAvg (McMahan et al. 2017): sample-count-weighted average of client models."""
 
     name = "fedavg"
+    _state_keys: tuple[str, ...] = ()  # server state tensors (optimizer moments), None until used
 
     def __init__(self, opts: StrategyOptions | None = None) -> None:
         self.opts = opts or StrategyOptions()
@@ -64,11 +65,12 @@ class Strategy:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Server state to checkpoint (optimizer moments); empty for stateless rules."""
-        return {}
+        return {k: getattr(self, k) for k in self._state_keys if getattr(self, k, None) is not None}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value.clone())
+        """Restore `state_dict()`'s output exactly (keys it lacks go back to unset)."""
+        for key in self._state_keys:
+            setattr(self, key, state[key].clone() if key in state else None)
 
 
 class FedProx(Strategy):
@@ -81,9 +83,12 @@ class FedProx(Strategy):
 
 
 class _ServerOptimizer(Strategy):
-    """Treat delta = avg(client models) - global as a pseudo-gradient (Reddi et al. 2021)."""
+    """Treat delta = avg(client models) - global as a pseudo-gradient (Reddi et al. 2021).
 
-    _state_keys: tuple[str, ...] = ()
+    The average is weighted by sample counts, as in FedAvg (the paper's Algorithm 2 uses a
+    plain mean over clients; with equal client sizes the two agree).
+    """
+
     default_server_lr = 1.0
 
     @property
@@ -105,9 +110,6 @@ class _ServerOptimizer(Strategy):
 
     def step(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self._state_keys if getattr(self, k, None) is not None}
 
 
 class FedAvgM(_ServerOptimizer):
@@ -195,39 +197,38 @@ class TrimmedMean(Strategy):
 def krum_scores(models: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score of each model: sum of squared distances to its K - f - 2 nearest others."""
     k = models.shape[0]
-    d = torch.cdist(models.double(), models.double()).pow(2)
+    x = models.double()
+    d = torch.cdist(x, x).pow(2)
     d.fill_diagonal_(float("inf"))
     nearest = max(k - f - 2, 1)
     return d.topk(min(nearest, k - 1), dim=1, largest=False).values.sum(dim=1)
 
 
-class Krum(Strategy):
-    """Krum (Blanchard et al. 2017): keep the single model closest to its neighbours."""
+class MultiKrum(Strategy):
+    """Multi-Krum (Blanchard et al. 2017): average the m best Krum-scored models (m = K - f)."""
 
-    name = "krum"
+    name = "multi-krum"
 
-    def selected(self, models: torch.Tensor) -> torch.Tensor:
-        if models.shape[0] <= 2:
-            return torch.arange(models.shape[0])
-        return krum_scores(models, self.opts.krum_f).argsort()[:1]
+    def keep(self, k: int) -> int:
+        return self.opts.multi_krum_m or max(k - self.opts.krum_f, 1)
 
     def aggregate(
         self, global_w: torch.Tensor, models: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        return models[self.selected(models)].mean(dim=0)
-
-
-class MultiKrum(Krum):
-    """Multi-Krum: average the m best-scored models (m = K - f by default)."""
-
-    name = "multi-krum"
-
-    def selected(self, models: torch.Tensor) -> torch.Tensor:
         k = models.shape[0]
-        if k <= 2:
-            return torch.arange(k)
-        m = self.opts.multi_krum_m or max(k - self.opts.krum_f, 1)
-        return krum_scores(models, self.opts.krum_f).argsort()[: min(m, k)]
+        if k <= 2:  # no neighbours to score against
+            return models.mean(dim=0)
+        best = krum_scores(models, self.opts.krum_f).argsort()[: min(self.keep(k), k)]
+        return models[best].mean(dim=0)
+
+
+class Krum(MultiKrum):
+    """Krum: keep the single model closest to its neighbours."""
+
+    name = "krum"
+
+    def keep(self, k: int) -> int:
+        return 1
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
