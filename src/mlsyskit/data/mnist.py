@@ -147,16 +147,8 @@ def load_mnist(data_dir: str | Path | None = None, *, download: bool = True) -> 
     paths = locate_mnist(MNIST_FILES, resolve_data_dir(data_dir), download_missing=download)
     train_x, train_y = read_mnist_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
     test_x, test_y = read_mnist_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
-    return Dataset(
-        name="mnist",
-        task="image",
-        train_x=images_to_tensor(train_x),
-        train_y=labels_to_tensor(train_y),
-        test_x=images_to_tensor(test_x),
-        test_y=labels_to_tensor(test_y),
-        num_classes=NUM_CLASSES,
-        test_source=_describe_test(len(test_y), paths[TEST_IMAGES]),
-    )
+    source = _describe_test(len(test_y), paths[TEST_IMAGES])
+    return _image_dataset("mnist", train_x, train_y, test_x, test_y, source)
 
 
 def mnist_5k_csv_path(data_dir: Path | None) -> Path:
@@ -240,13 +232,25 @@ def load_mnist_5k(data_dir: str | Path | None = None) -> Dataset:
             f"{TEST_IMAGES}.gz and {TEST_LABELS}.gz in DATA_DIR/mnist/ (--data-dir or "
             f"{DATA_DIR_ENV}) or in {cache_dir / 'mnist'}"
         )
+    return _image_dataset("mnist-5k", train_x, train_y, test_x, test_y, source)
+
+
+def _image_dataset(
+    name: str,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    test_source: str,
+) -> Dataset:
+    """A digit Dataset from uint8 images and labels (normalised float32 tensors)."""
     return Dataset(
-        name="mnist-5k",
+        name=name,
         task="image",
         train_x=images_to_tensor(train_x),
         train_y=labels_to_tensor(train_y),
         test_x=images_to_tensor(test_x),
         test_y=labels_to_tensor(test_y),
         num_classes=NUM_CLASSES,
-        test_source=source,
+        test_source=test_source,
     )
