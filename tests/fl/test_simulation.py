@@ -150,4 +150,7 @@ def test_resume_refuses_other_data(tmp_path, data_dir, monkeypatch):
     saved = json.loads((tmp_path / "d" / "config.json").read_text())
     assert saved["data_dir"] == str(data_dir.resolve())  # recorded, not left to the environment
     monkeypatch.delenv("MLSYSKIT_DATA_DIR")
-    assert resume(tmp_path / "d", progress=False)["rounds_run"] == 3  # found again from config.json
+    link = tmp_path / "data-link"
+    link.symlink_to(data_dir)
+    resume(tmp_path / "d", {"data_dir": str(link), "rounds": 2}, progress=False)  # same folder, other name
+    assert resume(tmp_path / "d", {"rounds": 3}, progress=False)["rounds_run"] == 3  # data found from config.json

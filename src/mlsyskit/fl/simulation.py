@@ -223,7 +223,10 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, prog
     if not (out / rundir.CONFIG).exists():
         raise UserError(f"--resume {out}: no {rundir.CONFIG} there; pass the --out folder of an earlier run")
     saved = FLConfig.from_json(out / rundir.CONFIG)
-    changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
+    overrides = dict(overrides or {})
+    if overrides.get("data_dir"):  # the run recorded it resolved: compare like with like
+        overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
+    changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
     bad = sorted(set(changed) - set(RESUME_OVERRIDES))
     if bad:
         flags = ", ".join("--" + b.replace("_", "-") for b in bad)
