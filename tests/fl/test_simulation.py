@@ -3,6 +3,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+from mlsyskit.errors import UserError
 from mlsyskit.fl import FLConfig, resume, run
 
 TIMING = {"wall_s", "train_s"}
@@ -141,7 +142,7 @@ def test_overflowing_aggregate_keeps_the_old_model(tmp_path, data_dir):
     assert all(v.isfinite().all() for v in weights.values())
 
 
-def test_resume_refuses_other_data(tmp_path, data_dir, monkeypatch):
+def test_resume_finds_the_recorded_data(tmp_path, data_dir, monkeypatch):
     if data_dir is None:
         pytest.skip("needs the real MNIST test set to change what mnist-5k trains on")
     monkeypatch.setenv("MLSYSKIT_DATA_DIR", str(data_dir))
@@ -154,3 +155,18 @@ def test_resume_refuses_other_data(tmp_path, data_dir, monkeypatch):
     link.symlink_to(data_dir)
     resume(tmp_path / "d", {"data_dir": str(link), "rounds": 2}, progress=False)  # same folder, other name
     assert resume(tmp_path / "d", {"rounds": 3}, progress=False)["rounds_run"] == 3  # data found from config.json
+
+
+def test_resume_refuses_data_that_split_differently(tmp_path, data_dir, monkeypatch):
+    if data_dir is None:
+        pytest.skip("needs the real MNIST test set files")
+    import shutil
+
+    monkeypatch.delenv("MLSYSKIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("MLSYSKIT_CACHE_DIR", str(tmp_path / "cache"))
+    run(_cfg(tmp_path, "h", None, rounds=3), progress=False, stop_after=1)  # hold-out: trains on 4,000
+    (tmp_path / "cache" / "mnist").mkdir(parents=True)
+    for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(data_dir / "mnist" / f, tmp_path / "cache" / "mnist" / f)
+    with pytest.raises(UserError, match="split differently"):  # now it would train on 5,000
+        resume(tmp_path / "h", progress=False)
