@@ -121,3 +121,23 @@ def test_resume_refuses_a_changed_flag(tmp_path, data_dir, capsys):
         err = capsys.readouterr().err
         assert flag in err and "cannot change" in err
     assert main(["fedavg", "--quiet", "--resume", str(tmp_path / "r"), "--rounds", "2"]) == 0
+
+
+def test_ctrl_c_is_one_line_and_leaves_a_resumable_run(tmp_path, data_dir):
+    import signal
+    import time
+
+    args = ["fedavg", "--quiet", "--model", "logreg", "--clients", "10", "--rounds", "500", "--out", str(tmp_path / "r")]
+    if data_dir:
+        args += ["--data-dir", str(data_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "mlsyskit.cli", *args], stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
+    resumed = _cli("fedavg", "--quiet", "--resume", str(tmp_path / "r"), "--rounds", "5")
+    assert resumed.returncode == 0, resumed.stderr

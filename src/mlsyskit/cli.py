@@ -43,14 +43,18 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One flag per config field; the help text and default shown come from the field."""
     for f in dataclasses.fields(cls):
         default = "full" if f.name == "batch_size" and f.default is None else f.default
-        shown = "" if default is None else f" (default: {default})"
+        help_text = f.metadata["help"]
+        if default is not None:
+            shown = f" (default: {default})"
+        else:  # None defaults are either explained in the help text or mean "off"
+            shown = "" if "default" in help_text else " (default: off)"
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=_arg_type(f),
             default=None,
             metavar=f.metadata.get("metavar", f.name.upper()),
-            help=f.metadata["help"] + shown,
+            help=help_text + shown,
         )
 
 
