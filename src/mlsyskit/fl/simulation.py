@@ -10,7 +10,6 @@ follows exactly the trajectory of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mlsyskit.data import Dataset, load_dataset, partition, partition_stats
+from mlsyskit.data.paths import resolve_data_dir
 from mlsyskit.errors import UserError
 from mlsyskit.fl import rundir
 from mlsyskit.fl.attacks import choose_malicious, finite_rows, poison
@@ -183,8 +183,8 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
     out = rundir.new_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
     # Record where the data really came from, so --resume rebuilds the same data set
     # whatever the environment or working directory is then.
-    data_dir = cfg.data_dir or os.environ.get("MLSYSKIT_DATA_DIR") or None
-    cfg = dataclasses.replace(cfg, out=str(out), data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    cfg = dataclasses.replace(cfg, out=str(out), data_dir=str(data_dir.resolve()) if data_dir else None)
     if progress:
         print(f"run directory: {out} (continue a killed run with --resume {out})", file=sys.stderr)
     fed = setup(cfg)
@@ -225,7 +225,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, prog
     saved = FLConfig.from_json(out / rundir.CONFIG)
     overrides = dict(overrides or {})
     if overrides.get("data_dir"):  # the run recorded it resolved: compare like with like
-        overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
+        overrides["data_dir"] = str(resolve_data_dir(overrides["data_dir"]).resolve())
     changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
     bad = sorted(set(changed) - set(RESUME_OVERRIDES))
     if bad:
