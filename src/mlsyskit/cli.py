@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--resume", metavar="DIR", default=None, help="continue the killed run in DIR from its last checkpoint (same trajectory as an uninterrupted run); only --rounds, --target-accuracy, --eval-every, --checkpoint-every, --parallel-clients and --threads may change (default: off)")
     fed.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     fed.set_defaults(func=_fedavg)
+
+    # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
+    from mlsyskit.engine import cli as engine_cli
+    from mlsyskit.vector import cli as vector_cli
+
+    engine_cli.register(sub)
+    vector_cli.register(sub)
     return parser
 
 

@@ -117,7 +117,8 @@ def test_fused_qkv_matches_separate(n_kv_heads: int | None) -> None:
 def test_feedforward_variants() -> None:
     x = torch.randn(2, 3, 8)
     ff = FeedForward(8, 16, "swiglu")
-    expected = ff.down(F.silu(ff.gate(x)) * ff.up(x))
+    w_gate, w_up = ff.gate_up.weight.chunk(2, dim=0)  # rows [gate | up]
+    expected = ff.down(F.silu(x @ w_gate.t()) * (x @ w_up.t()))
     torch.testing.assert_close(ff(x), expected)
     gelu = FeedForward(8, 16, "gelu_tanh", bias=True)
     torch.testing.assert_close(gelu(x), gelu.down(F.gelu(gelu.up(x), approximate="tanh")))

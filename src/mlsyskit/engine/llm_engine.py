@@ -1,0 +1,214 @@
+"""The engine loop: requests in, one scheduled model step at a time, outputs (and deltas) out.
+
+``add_request`` / ``step`` / ``abort`` is the interface a server drives; :class:`~mlsyskit.engine.llm.LLM`
+wraps it for offline use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from mlsyskit.engine.attention import PagedKVCache
+from mlsyskit.engine.block_manager import BlockManager
+from mlsyskit.engine.model_runner import ModelRunner
+from mlsyskit.engine.outputs import RequestOutput
+from mlsyskit.engine.sampling import SamplingParams
+from mlsyskit.engine.scheduler import BATCHING, Scheduler
+from mlsyskit.engine.sequence import Sequence, Status
+from mlsyskit.errors import UserError
+from mlsyskit.models.transformer import build_transformer
+
+if TYPE_CHECKING:
+    from mlsyskit.engine.checkpoint import Checkpoint
+
+DEFAULT_KV_BYTES = 1 << 30  # KV pool budget when num_kv_blocks is not given
+
+
+class _Detokenizer:
+    """Text of a sequence's output tokens, grown one token at a time; holds back a trailing
+    incomplete UTF-8 character (decoded as U+FFFD) until the next token completes it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new
+
+
+class _Request:
+    def __init__(self, seq: Sequence, out: RequestOutput, detok: _Detokenizer) -> None:
+        self.seq, self.out, self.detok = seq, out, detok
+        self.emitted = 0  # characters of out.text already streamed
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache (see the module docs of ``scheduler``)."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        kv_cache: bool = True,
+        batching: str = "continuous",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        prefix_caching: bool = True,
+        paged: bool = True,
+        max_model_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if batching not in BATCHING:
+            raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
+        cfg = checkpoint.config
+        self.config = cfg
+        self.tokenizer = checkpoint.tokenizer
+        self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        if not paged:  # one contiguous region per sequence: a "block" is a whole context
+            block_size, prefix_caching = self.max_model_len, False
+        for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+            if v < 1:
+                raise UserError(f"{name} must be positive, got {v}")
+        self.model = build_transformer(cfg, checkpoint.state_dict, dtype)
+        self.kv_cache = None
+        self.block_manager = None
+        if kv_cache:
+            per_block = PagedKVCache.bytes_per_block(cfg.n_layers, block_size, cfg.n_kv_heads, cfg.head_dim, dtype)
+            if num_kv_blocks is None:
+                full = -(-self.max_model_len // block_size)
+                want = max_num_seqs * full
+                num_kv_blocks = max(full, min(want, DEFAULT_KV_BYTES // per_block))
+            if num_kv_blocks < 1:
+                raise UserError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
+            self.kv_cache = PagedKVCache(cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, dtype)
+            self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, batching=batching, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.requests: dict[str, _Request] = {}
+        self.eos_ids = set(self.tokenizer.eos_ids)
+        self.num_steps = 0
+        self.tokens_computed = 0
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if not ids:
+            raise UserError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise UserError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                "(at least one must be left to generate)"
+            )
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        seq = Sequence(ids, params, request_id)
+        if seq.request_id in self.requests:
+            raise UserError(f"request id {seq.request_id!r} is already in use")
+        if self.block_manager is not None:
+            need = self.block_manager.blocks_needed(min(len(ids) + params.max_tokens, self.max_model_len))
+            if need > self.block_manager.num_blocks:
+                raise UserError(
+                    f"this request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
+                    "raise num_kv_blocks or lower max_tokens"
+                )
+        out = RequestOutput(seq.request_id, ids, arrival_time=time.perf_counter())
+        self.requests[seq.request_id] = _Request(seq, out, _Detokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks (a client went away)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(req.seq)
+        req.seq.status = Status.FINISHED
+        req.out.finish_reason = "abort"
+        req.out.finish_time = time.perf_counter()
+        return req.out
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; return the outputs of requests that produced text or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.step(batch)
+        self.num_steps += 1
+        now = time.perf_counter()
+        updated: list[RequestOutput] = []
+        for (seq, n), tok in zip(batch, tokens, strict=True):
+            seq.num_computed += n
+            self.tokens_computed += n
+            if self.block_manager is not None:
+                self.block_manager.commit(seq)
+            if tok is None:
+                continue
+            req = self.requests[seq.request_id]
+            updated.append(self._append(req, tok, now))
+        return updated
+
+    def _append(self, req: _Request, tok: int, now: float) -> RequestOutput:
+        seq, out, p = req.seq, req.out, req.seq.params
+        out.delta, out.delta_token_ids = "", []
+        if out.first_token_time is None:
+            out.first_token_time = now
+        reason = None
+        if tok in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        else:
+            seq.token_ids.append(tok)
+            out.token_ids.append(tok)
+            out.delta_token_ids.append(tok)
+            old_len = len(out.text)
+            out.text += req.detok.push(tok)
+            if p.stop:  # only where the new text could complete a stop string
+                lo = max(0, old_len - max(map(len, p.stop)) + 1)
+                hits = [i for i in (out.text.find(s, lo) for s in p.stop) if i >= 0]
+                if hits:
+                    out.text = out.text[: min(hits)]
+                    reason = "stop"
+            if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
+                reason = "length"
+        hold = 0 if reason or not p.stop else max(map(len, p.stop)) - 1
+        end = max(req.emitted, len(out.text) - hold)
+        out.delta = out.text[req.emitted : end]
+        req.emitted = end
+        out.num_prefix_cached_tokens = max(out.num_prefix_cached_tokens, seq.num_prefix_cached)
+        out.num_preemptions = seq.num_preemptions
+        if reason:
+            out.finish_reason = reason
+            out.finish_time = now
+            seq.status = Status.FINISHED
+            self.scheduler.finish(seq)
+            del self.requests[seq.request_id]
+        return out
+
+    def kv_usage(self) -> dict[str, float]:
+        """Block-pool accounting (empty without a KV cache)."""
+        return self.block_manager.usage() if self.block_manager is not None else {}

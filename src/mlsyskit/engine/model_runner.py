@@ -1,0 +1,104 @@
+"""Turns a scheduled batch into tensors, runs the model once, and samples the next tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mlsyskit.engine.attention import PagedKVCache, PrefillChunk, StepMeta
+from mlsyskit.engine.sampling import sample
+from mlsyskit.engine.sequence import Sequence
+from mlsyskit.models.transformer import Transformer
+
+
+class ModelRunner:
+    """Owns the model and (with ``kv_cache=True``) the preallocated paged KV pool."""
+
+    def __init__(self, model: Transformer, kv: PagedKVCache | None) -> None:
+        self.model = model
+        self.kv = kv
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
+        """Compute ``n`` new tokens of each sequence; return a sampled token for each sequence
+        whose computation reached its last token (``None`` for a prefill chunk mid-prompt)."""
+        if self.kv is None:
+            return self._step_recompute(batch)
+        # Decodes first: they are batched into one attention call per layer.
+        order = sorted(range(len(batch)), key=lambda i: batch[i][1] != 1)
+        batch = [batch[i] for i in order]
+        logits_rows = self._forward(batch)
+        tokens = self._sample(batch, logits_rows)
+        out: list[int | None] = [None] * len(batch)
+        for pos, i in enumerate(order):
+            out[i] = tokens[pos]
+        return out
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> list[Tensor | None]:
+        bs = self.kv.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillChunk] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        last_rows: list[int | None] = []
+        for seq, n in batch:
+            start = seq.num_computed
+            end = start + n
+            row0 = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                mask = None
+                if start > 0:  # attend over the cached prefix too: query at p sees keys <= p
+                    mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+                blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long)
+                prefills.append(PrefillChunk(row0, n, end, blocks, mask))
+            last_rows.append(row0 + n - 1 if end == len(seq) else None)
+        nd = len(decode_tables)
+        decode_blocks = decode_mask = None
+        if nd:
+            width = max(len(t) for t in decode_tables)
+            decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            lens = torch.tensor(decode_lens)
+            decode_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, -1)
+        self.kv.meta = StepMeta(torch.tensor(slots, dtype=torch.long), nd, decode_blocks, decode_mask, prefills)
+        hidden = self.model.forward_tokens(torch.tensor(ids), torch.tensor(positions), self.kv)
+        self.kv.meta = None
+        rows = [r for r in last_rows if r is not None]
+        logits = self.model.logits(hidden[rows]) if rows else None
+        out: list[Tensor | None] = []
+        k = 0
+        for r in last_rows:
+            out.append(None if r is None else logits[k])
+            k += r is not None
+        return out
+
+    def _sample(self, batch: list[tuple[Sequence, int]], rows: list[Tensor | None]) -> list[int | None]:
+        idx = [i for i, r in enumerate(rows) if r is not None]
+        if not idx:
+            return [None] * len(batch)
+        logits = torch.stack([rows[i] for i in idx])
+        seqs = [batch[i][0] for i in idx]
+        toks = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        out: list[int | None] = [None] * len(batch)
+        for i, t in zip(idx, toks, strict=True):
+            out[i] = t
+        return out
+
+    def _step_recompute(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
+        """The naive ``kv_cache=False`` mode: rerun every sequence from its first token."""
+        rows: list[Tensor | None] = []
+        for seq, n in batch:
+            if seq.num_computed + n < len(seq):
+                rows.append(None)  # a chunk mid-prompt: nothing to keep without a cache
+                continue
+            logits = self.model(torch.tensor(seq.token_ids).unsqueeze(0))
+            rows.append(logits[0, -1])
+        return self._sample(batch, rows)

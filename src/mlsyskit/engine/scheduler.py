@@ -1,0 +1,116 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+``continuous`` (iteration-level, as in Orca / vLLM): every step, running sequences first (a decode
+costs one token of the budget, a prompt still being prefilled gets the next chunk), then waiting
+requests are admitted while the token budget ``max_num_batched_tokens`` and ``max_num_seqs``
+allow; a long prompt is split into chunks so it never stalls the decoders. When the KV pool runs
+out, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
+the front of the queue, to be recomputed later (its generated tokens are kept).
+
+``static`` (the naive baseline): a batch of up to ``max_num_seqs`` requests is admitted only when
+the previous batch has completely finished; whole prompts are prefilled at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from mlsyskit.engine.block_manager import BlockManager
+from mlsyskit.engine.sequence import Sequence, Status
+
+BATCHING = ("continuous", "static")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager | None,
+        *,
+        batching: str = "continuous",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+    ) -> None:
+        self.bm = block_manager  # None: no KV cache (recompute mode), nothing to allocate
+        self.batching = batching
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if self.bm is not None:
+            self.bm.free_seq(seq)
+        seq.num_computed = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        """Blocks for ``n`` more tokens of ``seq``; preempt later sequences until they fit."""
+        if self.bm is None:
+            return True
+        while not self.bm.can_grow(seq, seq.num_computed + n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.bm.grow(seq, seq.num_computed + n)
+        return True
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next step: ``(sequence, number of new tokens to compute)`` pairs."""
+        static = self.batching == "static"
+        budget = float("inf") if static else self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = int(min(len(seq) - seq.num_computed, budget))
+            if self._reserve(seq, n):
+                batch.append((seq, n))
+                budget -= n
+        # A preempted sequence may have been scheduled before its victim-maker ran: drop it.
+        batch = [(s, n) for s, n in batch if s.status is Status.RUNNING]
+        if static and self.running:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.bm is not None:
+                self.bm.match_prefix(seq)
+            n = int(min(len(seq) - seq.num_computed, budget))
+            if self.bm is not None:
+                if not self.bm.can_grow(seq, seq.num_computed + n):
+                    self.bm.free_seq(seq)  # undo the prefix match; try again next step
+                    break
+                self.bm.grow(seq, seq.num_computed + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch

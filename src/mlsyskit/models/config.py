@@ -1,0 +1,58 @@
+"""Architecture description of a decoder-only transformer (Llama and GPT-2 families)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mlsyskit.errors import UserError
+
+ARCHS = ("llama", "gpt2")
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to build :class:`mlsyskit.models.transformer.Transformer`.
+
+    ``arch="llama"``: RMSNorm, RoPE (``rope_theta``), grouped-query attention, SwiGLU; Qwen2-style
+    checkpoints set ``attn_bias=True`` (bias on q/k/v only).
+    ``arch="gpt2"``: LayerNorm with bias, learned positions, GELU (tanh), biases everywhere.
+    """
+
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # bias on the fused qkv projection
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    head_dim: int | None = None  # default dim // n_heads
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise UserError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def gpt2(self) -> bool:
+        return self.arch == "gpt2"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,133 @@
+"""Decoder-only transformer for real checkpoints: Llama family (RMSNorm, RoPE, GQA, SwiGLU;
+SmolLM2, TinyLlama, Qwen2 with q/k/v bias) and GPT-2 family (LayerNorm, learned positions,
+fused QKV, GELU), built from the same :mod:`mlsyskit.models.blocks` and configured by
+:class:`~mlsyskit.models.config.TransformerConfig`.
+
+Two ways to run it:
+
+- ``model(input_ids)`` with ``input_ids`` of shape ``(B, T)``: plain causal forward over whole
+  sequences starting at position 0 (no cache); returns logits ``(B, T, vocab)``. The naive
+  ``kv_cache=False`` engine mode and perplexity evaluation use this.
+- ``model.forward_tokens(input_ids, positions, kv)``: the engine's path. ``input_ids`` and
+  ``positions`` are ``(T,)``: the new tokens of many sequences laid end to end; ``kv`` stores
+  their keys/values in the paged cache and attends over each sequence's context. Returns hidden
+  states ``(T, dim)``; :meth:`logits` projects only the rows that need sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mlsyskit.errors import UserError
+from mlsyskit.models.blocks import Block, KVCache, make_norm, rope_cache
+from mlsyskit.models.config import TransformerConfig
+
+
+class StepKV(Protocol):
+    """Per-step paged-cache view: hands each layer its :class:`KVCache`."""
+
+    def layer(self, i: int) -> KVCache: ...
+
+
+class Transformer(nn.Module):
+    """A Llama- or GPT-2-style decoder; parameter names are those of ``engine.checkpoint``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        gpt2 = cfg.gpt2
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if gpt2:
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(
+                cfg.dim,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                hidden=cfg.hidden_dim,
+                norm="layernorm" if gpt2 else "rmsnorm",
+                ffn="gelu_tanh" if gpt2 else "swiglu",
+                bias=gpt2,
+                qkv_bias=gpt2 or cfg.attn_bias,
+                eps=cfg.norm_eps,
+                qkv_fused=True,
+                head_dim=cfg.head_dim,
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.norm = make_norm("layernorm" if gpt2 else "rmsnorm", cfg.dim, eps=cfg.norm_eps, bias=gpt2)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not gpt2:
+            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and vocabulary projection of hidden states ``(..., dim)``."""
+        h = self.norm(hidden)
+        if self.cfg.tie_embeddings:
+            return h @ self.embed.weight.t()
+        return self.lm_head(h)
+
+    def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        x = self.embed(input_ids)
+        if self.cfg.gpt2:
+            x = x + self.pos_embed(positions)
+        return x
+
+    def _check_len(self, n: int) -> None:
+        if n > self.cfg.max_seq_len:
+            raise UserError(f"sequence of {n} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Causal forward over ``(B, T)`` token ids at positions ``0..T-1``; logits ``(B, T, V)``."""
+        T = input_ids.shape[1]
+        self._check_len(T)
+        pos = torch.arange(T, device=input_ids.device)
+        x = self._embed(input_ids, pos)
+        rope = None if self.cfg.gpt2 else (self.rope_cos[:T], self.rope_sin[:T])
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.logits(x)
+
+    def forward_tokens(self, input_ids: Tensor, positions: Tensor, kv: StepKV) -> Tensor:
+        """Hidden states ``(T, dim)`` for flat tokens at the given positions, through the cache."""
+        x = self._embed(input_ids, positions)
+        rope = None
+        if not self.cfg.gpt2:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, kv.layer(i))
+        return x
+
+
+def build_transformer(
+    cfg: TransformerConfig, state_dict: dict[str, Tensor] | None = None, dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build the model (on the meta device when weights are given, so nothing is allocated twice)
+    and load ``state_dict`` with strict name and shape checks."""
+    if state_dict is None:
+        return Transformer(cfg).to(dtype).eval()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatch: say which tensor, in one line
+        raise UserError(f"checkpoint does not match its config: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint does not match the {cfg.arch} architecture: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if not cfg.gpt2:  # buffers are not in the state dict: rebuild them for real
+        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos, sin
+    return model.to(dtype).eval()

@@ -1,0 +1,1 @@
+"""Vector search: distances, exact KNN, KMeans, IVF approximate search."""
