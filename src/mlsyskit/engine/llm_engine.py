@@ -6,6 +6,7 @@ wraps it for offline use.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
+from mlsyskit.engine.tokenizer import IncrementalDecoder
 from mlsyskit.errors import UserError
 from mlsyskit.models.transformer import build_transformer
 
@@ -27,26 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_KV_BYTES = 1 << 30  # KV pool budget when num_kv_blocks is not given
 
 
-class _Detokenizer:
-    """Text of a sequence's output tokens, grown one token at a time; holds back a trailing
-    incomplete UTF-8 character (decoded as U+FFFD) until the next token completes it."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.text = text[len(self.text) :], text
-        return new
-
-
 class _Request:
-    def __init__(self, seq: Sequence, out: RequestOutput, detok: _Detokenizer) -> None:
+    def __init__(self, seq: Sequence, out: RequestOutput, detok: IncrementalDecoder) -> None:
         self.seq, self.out, self.detok = seq, out, detok
         self.emitted = 0  # characters of out.text already streamed
 
@@ -134,7 +118,7 @@ class LLMEngine:
                     "raise num_kv_blocks or lower max_tokens"
                 )
         out = RequestOutput(seq.request_id, ids, arrival_time=time.perf_counter())
-        self.requests[seq.request_id] = _Request(seq, out, _Detokenizer(self.tokenizer))
+        self.requests[seq.request_id] = _Request(seq, out, self.tokenizer.incremental_decoder())
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -178,7 +162,7 @@ class LLMEngine:
         out.delta, out.delta_token_ids = "", []
         if out.first_token_time is None:
             out.first_token_time = now
-        reason = None
+        reason, truncated = None, False
         if tok in self.eos_ids and not p.ignore_eos:
             reason = "stop"
         else:
@@ -192,9 +176,11 @@ class LLMEngine:
                 hits = [i for i in (out.text.find(s, lo) for s in p.stop) if i >= 0]
                 if hits:
                     out.text = out.text[: min(hits)]
-                    reason = "stop"
+                    reason, truncated = "stop", True
             if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
                 reason = "length"
+        if reason and not truncated:
+            out.text += req.detok.flush()  # bytes held back for a character that never completed
         hold = 0 if reason or not p.stop else max(map(len, p.stop)) - 1
         end = max(req.emitted, len(out.text) - hold)
         out.delta = out.text[req.emitted : end]
@@ -207,7 +193,8 @@ class LLMEngine:
             seq.status = Status.FINISHED
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
-        return out
+        # A snapshot: the caller may keep it while the request goes on changing.
+        return dataclasses.replace(out, token_ids=list(out.token_ids))
 
     def kv_usage(self) -> dict[str, float]:
         """Block-pool accounting (empty without a KV cache)."""
