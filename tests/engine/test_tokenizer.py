@@ -1,0 +1,150 @@
+"""Our Tokenizer (from GGUF metadata and from tokenizer.json) against transformers' own."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlsyskit.engine.checkpoint import Checkpoint
+from mlsyskit.engine.tokenizer import CHATML_TEMPLATE, Tokenizer
+from mlsyskit.errors import UserError
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading, trailing and   runs of   spaces   ",
+    "tabs\tand\n\nnewlines\r\n and \u00a0 no-break space",
+    "Ünïcödé: café, naïve, Straße, Ελληνικά, русский, 日本語のテキスト, 한국어, عربى",
+    "emoji 🤗🎉👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
+    'def f(x: int) -> int:\n    return x ** 2  # square\n\nprint(f"{f(3)=}")',
+    "numbers 1234567890, 3.14159, -42, 1e-5, 0x1F, 2024-11-23",
+    "I'm sure they're here; we've seen it, you'll see, he'd know",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|><repo_name>mlsyskit<file_sep>",
+    "",
+    " ",
+    "\n",
+    "a" * 300,
+]
+
+CHATS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3? 🤔"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_checkpoint: Checkpoint) -> Tokenizer:
+    return smollm2_checkpoint.tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_dir_tok(tiny_llama_dir: Path) -> Tokenizer:
+    return Tokenizer.from_hf_dir(tiny_llama_dir, bos_id=None, eos_ids=[2])
+
+
+def test_gguf_tokenizer_facts(tok: Tokenizer) -> None:
+    assert tok.vocab_size == 49152
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2, 0], False)
+    assert tok.encode("<|im_start|>") == [1]
+    assert tok.encode("hi", add_bos=True)[0] == 1
+
+
+def test_ids_match_transformers(
+    tok: Tokenizer, hf_dir_tok: Tokenizer, hf_smollm2_tokenizer
+) -> None:
+    for text in TEXTS:
+        want = hf_smollm2_tokenizer.encode(text, add_special_tokens=True)
+        assert tok.encode(text) == want, text
+        assert hf_dir_tok.encode(text) == want, text
+
+
+def test_decode_round_trip(tok: Tokenizer, hf_smollm2_tokenizer) -> None:
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special=False) == text
+        assert tok.decode(ids) == hf_smollm2_tokenizer.decode(ids, skip_special_tokens=True)
+    assert tok.decode(tok.encode("<|im_start|>user\nhi<|im_end|>")) == "user\nhi"
+
+
+def test_incremental_decoding_never_splits_a_character(tok: Tokenizer) -> None:
+    text = "Smile 🤗! 日本 👨‍👩‍👧 done"
+    ids = tok.encode(text)
+    emoji = tok.encode(" 🤗")
+    assert len(emoji) > 2  # the emoji really is spread over several byte tokens
+    decoder = tok.incremental_decoder()
+    pieces = [decoder.push(i) for i in ids]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") >= len(emoji) - 1  # held back until the character was complete
+
+
+def test_incremental_decoding_skips_special_tokens(tok: Tokenizer) -> None:
+    decoder = tok.incremental_decoder()
+    out = "".join(decoder.push(i) for i in tok.encode("<|im_start|>assistant\nHi<|im_end|>"))
+    assert out + decoder.flush() == "assistant\nHi"
+
+
+def test_chat_template_matches_transformers(
+    tok: Tokenizer, hf_dir_tok: Tokenizer, hf_smollm2_tokenizer
+) -> None:
+    for chat in CHATS:
+        for gen in (True, False):
+            want = hf_smollm2_tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen
+            )
+            assert tok.apply_chat_template(chat, add_generation_prompt=gen) == want
+            assert hf_dir_tok.apply_chat_template(chat, add_generation_prompt=gen) == want
+    prompt = tok.apply_chat_template(CHATS[0])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert tok.encode(prompt)[0] == 1  # <|im_start|> is one special id
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"content": "no role"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 42}],
+        ["just a string"],
+        "not a list",
+    ],
+)
+def test_bad_messages_are_refused(tok: Tokenizer, messages) -> None:
+    with pytest.raises(UserError, match="chat message"):
+        tok.apply_chat_template(messages)
+
+
+def test_template_raise_exception_becomes_user_error(tok: Tokenizer) -> None:
+    strict = copy.copy(tok)
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    )
+    with pytest.raises(UserError, match="system first"):
+        strict.apply_chat_template(CHATS[0])
+
+
+def test_chatml_fallback_without_template(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    shutil.copy(tiny_llama_dir / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    plain = Tokenizer.from_hf_dir(tmp_path, bos_id=None, eos_ids=[2])
+    assert plain.chat_template is None
+    assert plain.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "im_start" in CHATML_TEMPLATE
+
+
+def test_sentencepiece_gguf_vocab_is_refused() -> None:
+    with pytest.raises(UserError, match="'llama' is not supported"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama"})
