@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
     from mlsyskit.engine import cli as engine_cli
+    from mlsyskit.quant import cli as quant_cli
     from mlsyskit.vector import cli as vector_cli
 
     engine_cli.register(sub)
+    quant_cli.register(sub)
     vector_cli.register(sub)
     return parser
 

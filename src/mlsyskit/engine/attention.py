@@ -34,8 +34,9 @@ class StepMeta:
     slot_mapping: Tensor  # (T,) flat slot = block_id * block_size + offset
     num_decode: int  # rows 0..num_decode-1 are single-token decodes
     decode_blocks: Tensor | None  # (num_decode, max_blocks) block ids, padded with 0
-    decode_mask: Tensor | None  # (num_decode, 1, 1, max_blocks * block_size) bool
+    decode_mask: Tensor | None  # (num_decode, 1, 1, max_blocks * block_size) additive float; None: no padding
     prefills: list[PrefillChunk]
+    decode_len: int | None = None  # set when a single sequence decodes: its context length
 
 
 class PagedKVCache:
@@ -80,8 +81,11 @@ class _LayerKV:
         nd = meta.num_decode
         if nd:
             b = meta.decode_blocks.flatten()  # index_select copies whole blocks: ~3x aten::index
-            kd = self.k_pool.index_select(0, b).view(nd, -1, hkv, d).transpose(1, 2).to(q.dtype)
-            vd = self.v_pool.index_select(0, b).view(nd, -1, hkv, d).transpose(1, 2).to(q.dtype)
+            kd = self.k_pool.index_select(0, b).view(nd, -1, hkv, d)
+            vd = self.v_pool.index_select(0, b).view(nd, -1, hkv, d)
+            if meta.decode_len is not None:  # one sequence: cut to its length, no mask needed
+                kd, vd = kd[:, : meta.decode_len], vd[:, : meta.decode_len]
+            kd, vd = kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype)
             y = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
             out[:nd] = y.squeeze(2)
         for c in meta.prefills:

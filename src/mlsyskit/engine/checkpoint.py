@@ -1,4 +1,4 @@
-"""Load a model checkpoint (GGUF file or Hugging Face safetensors directory) for inference.
+"""Load a model checkpoint (GGUF file, Hugging Face safetensors or quantized directory) for inference.
 
 ``load_checkpoint(path)`` returns a :class:`Checkpoint`: a :class:`TransformerConfig`, a state
 dict in our names, the tokenizer and where it all came from. Our state-dict names (all linear
@@ -68,7 +68,9 @@ def default_model_path() -> Path:
 
 
 def load_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a ``.gguf`` file or a HF directory (config.json + *.safetensors + tokenizer.json).
+    """Load a ``.gguf`` file, a HF directory (config.json + *.safetensors + tokenizer.json) or a
+    quantized directory written by ``mlsyskit quantize`` (quant_config.json; its quantized
+    weights come back as ``QuantizedTensor`` values, see :mod:`mlsyskit.quant.model_io`).
 
     ``path=None`` loads the default model (:func:`default_model_path`). Anything unusable
     (missing, corrupt, pickled, unsupported architecture) raises :class:`UserError`.
@@ -94,8 +96,10 @@ def load_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32)
     if not p.is_dir():
         raise UserError(f"{p} is neither a file nor a directory")
     if (p / "quant_config.json").is_file():
-        # Hook for quantized checkpoints written by mlsyskit.quant (not loaded here).
-        raise UserError(f"{p} is a quantized checkpoint: those are loaded by mlsyskit.quant")
+        # A quantized checkpoint written by `mlsyskit quantize`: its own format and loader.
+        from mlsyskit.quant import model_io
+
+        return model_io.load_model_dir(p, dtype)
     if not (p / "config.json").is_file():
         pickled = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
         if pickled and not any(p.glob("*.safetensors")):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
-from mlsyskit.models.blocks import Block, KVCache, make_norm, rope_cache
+from mlsyskit.models.blocks import Block, KVCache, make_norm, rope_cache, signed_sin
 from mlsyskit.models.config import TransformerConfig
 
 
@@ -65,6 +65,7 @@ class Transformer(nn.Module):
             cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and vocabulary projection of hidden states ``(..., dim)``."""
@@ -99,7 +100,7 @@ class Transformer(nn.Module):
         x = self._embed(input_ids, positions)
         rope = None
         if not self.cfg.gpt2:
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin_signed[positions].unsqueeze(1))
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv.layer(i))
         return x
@@ -133,7 +134,7 @@ def build_transformer(
         )
     if not cfg.gpt2:  # buffers are not in the state dict: rebuild them for real
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        model.rope_cos, model.rope_sin = cos, sin
+        model.rope_cos, model.rope_sin, model.rope_sin_signed = cos, sin, signed_sin(sin)
     if quantized:
         from mlsyskit.quant.linear import attach_quantized
 
