@@ -31,7 +31,14 @@ The systems (--systems):
 
 The Poisson rate (--rate, requests/s) defaults to --rate-factor x the request rate the fastest
 one-by-one baseline (llama.cpp, else transformers) sustained in this run's all-together phase,
-so the baselines are overloaded and ours is loaded. Greedy outputs are compared token by token
+so the baselines are overloaded and ours is loaded. The engine-based systems serve the stream
+live; the one-at-a-time systems are by default replayed (--replay-poisson): their measured
+per-request service times from the all-together phase go through a FIFO queue with the same
+arrival times, which is what a single-sequence server does. Every measurement of ours starts
+from a fresh engine (same weights), so no phase profits from the prefix cache of an earlier one.
+OMP_WAIT_POLICY=PASSIVE is set for all systems (--omp-wait-policy): on this shared machine
+spinning OpenMP threads made llama.cpp's decode 3-4x and torch's prefill up to ~7x slower.
+Greedy outputs are compared token by token
 (ours vs transformers: same fp32 weights, so they should match; mismatches late in long
 generations can come from fp rounding and are reported with the first divergence position).
 
@@ -197,6 +204,9 @@ class System:
     name = ""
     streams = False  # serves many sequences at once (gets the arrival stream itself)
 
+    def reset(self) -> None:
+        """Forget everything cached from earlier requests (called before every measurement)."""
+
     def generate1(self, ids: list[int], n: int) -> tuple[float, float, float, list[int]]:
         """One request alone: (start, first token, last token) perf_counter times, token ids."""
         raise NotImplementedError
@@ -225,8 +235,20 @@ class Ours(System):
         from mlsyskit.engine import LLM
 
         self.name = name
+        self.ckpt = ckpt
         self.engine_kwargs = engine_kwargs
         self.llm = LLM(ckpt, **engine_kwargs)
+        self.warm_prompt: list[int] | None = None
+
+    def reset(self) -> None:
+        """A fresh engine (same weights): otherwise the prefix cache would still hold the KV of
+        prompts seen in an earlier phase and the next phase would skip their prefill."""
+        from mlsyskit.engine import LLM
+
+        self.llm = None  # free the old KV pool first
+        self.llm = LLM(self.ckpt, **self.engine_kwargs)
+        if self.warm_prompt:
+            self.llm.generate([self.warm_prompt], self._params(2))
 
     def _params(self, n: int) -> Any:
         from mlsyskit.engine import SamplingParams
@@ -395,6 +417,7 @@ def decode_round(systems: dict[str, System], wl: dict[str, Any], args: argparse.
     res = {}
     for name in names:
         n = args.naive_decode_tokens if name == "ours_naive" else args.decode_tokens
+        systems[name].reset()
         la = loadavg()
         start, first, last, toks = systems[name].generate1(wl["decode_prompt"], n)
         res[name] = {
@@ -409,6 +432,7 @@ def decode_round(systems: dict[str, System], wl: dict[str, Any], args: argparse.
 
 
 def run_serve(system: System, reqs: list[Request], arrivals: np.ndarray, tag: str) -> dict[str, Any]:
+    system.reset()
     la0 = loadavg()
     records, wall, extra = system.serve(reqs, arrivals)
     res = summarize(records, wall)
@@ -582,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[engine_throughput] warm-up", flush=True)
     for n, s in systems.items():
+        if isinstance(s, Ours):
+            s.warm_prompt = wl["warm_prompt"]
         if n != "hf_batch8":
             s.generate1(wl["warm_prompt"], 8)
 
@@ -606,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- phase 2: all requests arriving together ------------------------------------------
     print(f"[engine_throughput] {len(reqs)} requests arriving together", flush=True)
     zero = np.zeros(len(reqs))
-    together_order = [n for n in ("ours", "hf", "llamacpp", "ours_static", "hf_batch8") if n in systems]
+    together_order = [n for n in ("ours", "ours_static", "llamacpp", "hf", "hf_batch8") if n in systems]
     for n in together_order:
         results[n]["together"] = run_serve(systems[n], reqs, zero, "together")
         time.sleep(args.settle)
@@ -855,8 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (default: 64)")
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 256], metavar=("MIN", "MAX"),
                    help="prompt lengths in tokens, uniform (default: 16 256; 16 512 doubles the run time)")
-    p.add_argument("--output-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"),
-                   help="new tokens per request, uniform (default: 16 128; 16 256 doubles the run time)")
+    p.add_argument("--output-len", nargs=2, type=int, default=[16, 96], metavar=("MIN", "MAX"),
+                   help="new tokens per request, uniform (default: 16 96; 16 256 more than doubles the run time)")
     p.add_argument("--decode-tokens", type=int, default=64, help="new tokens of the batch-1 decode run (default: 64)")
     p.add_argument("--decode-prompt-tokens", type=int, default=64, help="prompt tokens of the batch-1 decode run (default: 64)")
     p.add_argument("--decode-reps", type=int, default=3, help="rounds of the batch-1 decode run, systems taking turns (default: 3)")
@@ -868,11 +894,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Poisson arrival rate in requests/s (default: --rate-factor x what the fastest one-by-one baseline sustained)")
     p.add_argument("--rate-factor", type=float, default=1.5,
                    help="default rate = this x the request rate of the one-by-one baseline (default: 1.5)")
-    p.add_argument("--replay-poisson", default="hf",
+    p.add_argument("--replay-poisson", default="hf,llamacpp",
                    help="comma-separated one-request-at-a-time systems (hf, llamacpp) whose Poisson run is not "
                    "served live but replayed: their per-request service times from the all-together run are "
-                   "put through a FIFO queue with the Poisson arrival times (exact for a single-sequence "
-                   "server; saves about 6 minutes for hf). '' = serve every system live (default: hf)")
+                   "put through a FIFO queue with the Poisson arrival times (what a single-sequence server "
+                   "does, without re-measuring the same service times under different machine load; saves "
+                   "~5 min for hf and ~3 min for llamacpp). '' = serve every system live (default: hf,llamacpp)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (ours, transformers) and llama.cpp n_threads (default: 2)")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for every system's OpenMP runtime, unless already set in the "
