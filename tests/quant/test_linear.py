@@ -57,6 +57,10 @@ KERNEL_CASES = [
     ("q4", QuantScheme(bits=4, granularity="group", group_size=64)),
     ("q4", QuantScheme(bits=4, granularity="channel", symmetric=False)),
     ("q4", QuantScheme(bits=4, granularity="tensor")),
+    # 3- and 2-bit codes fit in a nibble: they run on the 4-bit kernel
+    ("q4", QuantScheme(bits=3, granularity="group", group_size=32, symmetric=False)),
+    ("q4", QuantScheme(bits=3, granularity="channel")),
+    ("q4", QuantScheme(bits=2, granularity="group", group_size=64, symmetric=False)),
 ]
 
 
@@ -77,9 +81,7 @@ def test_kernel_output_equals_dequantize_then_matmul(kind: str, scheme: QuantSch
 
 
 FALLBACK_CASES = [
-    QuantScheme(bits=3, granularity="group", group_size=32, symmetric=False),
-    QuantScheme(bits=3, granularity="channel"),
-    QuantScheme(bits=2, granularity="group", group_size=64, symmetric=False),
+    QuantScheme(bits=3, granularity="group", group_size=16, symmetric=False),  # group < 32
     QuantScheme(bits=8, granularity="channel", symmetric=False),  # asymmetric int8: no kernel
     QuantScheme(bits=4, granularity="group", group_size=16, symmetric=False),  # group < 32
 ]

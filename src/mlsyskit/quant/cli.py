@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", default=None, metavar="PATH", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     q.add_argument("--out", required=True, metavar="DIR", help="the directory to write (required; must not exist unless --overwrite)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="bits per weight code: 8, 4, 3 or 2 (default: 4)")
-    q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 64 for width 576) unless --exact-group-size (default: 128)")
+    q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 96 for width 576) unless --exact-group-size (default: 128)")
     q.add_argument("--exact-group-size", action="store_true", help="refuse a group size that does not divide every quantized layer's input width instead of shrinking it (default: off)")
     q.add_argument("--granularity", choices=("tensor", "channel", "group"), default=None, help="one scale per tensor, per output channel or per group of inputs (default: channel for 8 bits, group otherwise)")
     sym = q.add_mutually_exclusive_group()

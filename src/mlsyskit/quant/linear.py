@@ -40,9 +40,11 @@ class QuantLinear(nn.Module):
             self.kind = "q8"
             self.register_buffer("codes", qt.codes.contiguous())
             self.register_buffer("scale", scale)
-        elif bits == 4 and kernels.supports(k, k // g):
+        elif bits <= 4 and kernels.supports(k, k // g):
+            # 3- and 2-bit codes fit in a nibble too: they run on the 4-bit kernel and take 4
+            # bits per weight in memory (the file keeps them densely packed).
             self.kind = "q4"
-            # the kernel wants unsigned codes: a symmetric code q in [-7, 7] is (q + 8) - 8
+            # the kernel wants unsigned codes: a symmetric code q in [-8, 7] is (q + 8) - 8
             codes = qt.codes.to(torch.int16) + (8 if sym else 0)
             zero = torch.full_like(scale, 8.0) if sym else qt.zero.float().expand(n, g).contiguous()
             self.register_buffer("codes", kernels.pack_q4_blocks(codes.to(torch.uint8)))
@@ -122,7 +124,7 @@ class WeightOnlyConfig:
     def scheme_for(self, in_features: int) -> QuantScheme:
         """The scheme for a layer: with ``fit_group_size``, a group size that does not divide
         ``in_features`` shrinks to the largest one that does (a multiple of 32 when possible,
-        so the kernels apply), e.g. 128 -> 64 for SmolLM2's 576-wide inputs."""
+        so the kernels apply), e.g. 128 -> 96 for SmolLM2's 576-wide inputs."""
         s = self.scheme
         if s.granularity != "group" or in_features % s.group_size == 0 or not self.fit_group_size:
             return s
