@@ -103,11 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
     from mlsyskit.engine import cli as engine_cli
     from mlsyskit.quant import cli as quant_cli
+    from mlsyskit.serve import cli as serve_cli
+    from mlsyskit.serve import cluster_cli
     from mlsyskit.vector import cli as vector_cli
 
     engine_cli.register(sub)
     quant_cli.register(sub)
     vector_cli.register(sub)
+    cluster_cli.register(sub)
+    serve_cli.register(sub)
     return parser
 
 

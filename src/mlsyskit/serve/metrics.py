@@ -1,0 +1,90 @@
+"""Prometheus metrics of one server, on its own ``CollectorRegistry`` (several apps per process
+never share or clash). Gauges and the token counter are read from ``EngineService.stats()`` at
+scrape time; latencies are observed per finished request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from mlsyskit.engine import RequestOutput
+    from mlsyskit.serve.service import EngineService
+
+# Seconds: CPU decode of a small model ranges from tens of ms (TTFT) to minutes (long outputs).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _ServiceCollector(Collector):
+    """Scrape-time view of the service: queue, running requests, KV pool, tokens."""
+
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.service.stats()
+        model = [s["model"]]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["model"])
+            g.add_metric(model, value)
+            return g
+
+        yield gauge("mlsyskit_queue_depth", "requests accepted and waiting to run in the engine", s["queue_depth"])
+        yield gauge("mlsyskit_requests_running", "requests the engine is running", s["running"])
+        yield gauge("mlsyskit_requests_in_flight", "requests accepted and not finished", s["in_flight"])
+        yield gauge("mlsyskit_kv_blocks_used", "KV-cache blocks held by requests", s["kv_blocks_used"])
+        yield gauge("mlsyskit_kv_blocks_total", "KV-cache blocks in the pool", s["kv_blocks_total"])
+        c = CounterMetricFamily("mlsyskit_generated_tokens", "tokens generated (tokens/s is its rate)", labels=["model"])
+        c.add_metric(model, s["tokens_generated"])
+        yield c
+        c = CounterMetricFamily("mlsyskit_engine_steps", "engine steps run", labels=["model"])
+        c.add_metric(model, s["engine_steps"])
+        yield c
+
+
+class ServerMetrics:
+    """The metrics of one app: request counts by route and status, TTFT and latency."""
+
+    def __init__(self, service: EngineService) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_ServiceCollector(service))
+        self.requests = Counter(
+            "mlsyskit_http_requests", "HTTP requests by route and status code", ["route", "status"], registry=self.registry
+        )
+        self.finished = Counter(
+            "mlsyskit_generations", "finished generations by finish reason", ["finish_reason"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "mlsyskit_time_to_first_token_seconds", "time from acceptance to the first token", buckets=TTFT_BUCKETS, registry=self.registry
+        )
+        self.latency = Histogram(
+            "mlsyskit_e2e_latency_seconds", "time from acceptance to the last token", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+
+    def observe_output(self, out: RequestOutput) -> None:
+        """Record one finished generation (its TTFT and end-to-end latency include queueing)."""
+        self.finished.labels(out.finish_reason or "unknown").inc()
+        if out.finish_reason == "abort":
+            return
+        if out.ttft is not None:
+            self.ttft.observe(max(0.0, out.ttft))
+        if out.latency is not None:
+            self.latency.observe(max(0.0, out.latency))
+
+    def observe_response(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
