@@ -1,0 +1,93 @@
+"""`mlsyskit router` and `mlsyskit loadgen`.
+
+Nothing heavy is imported at module level: this module is imported on every `mlsyskit` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the router and load-generator subcommands to the top-level parser."""
+    r = sub.add_parser(
+        "router",
+        help="load-balancing router (least outstanding tokens, retries, health checks) in front of serve replicas",
+        description="Forward /v1/* and /rag requests (JSON and streamed) to the live backend with the least "
+        "outstanding tokens; retry on another backend when one fails before answering; take dead backends out "
+        "of rotation and put recovered ones back. GET /health and GET /metrics report the router's own state.",
+    )
+    r.add_argument("--backends", nargs="+", required=True, metavar="URL", help="base URLs of `mlsyskit serve` processes, e.g. http://127.0.0.1:8001")
+    r.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    r.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    r.add_argument("--health-interval", type=float, default=1.0, metavar="S", help="seconds between health checks of each backend (default: 1.0)")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S", help="longest a backend may take to answer one request (default: 600)")
+    r.add_argument("--api-key", default=None, metavar="KEY", help="key the router uses for its own health checks when backends require one; clients' Authorization headers are passed through (default: none)")
+    r.set_defaults(func=_router)
+
+    g = sub.add_parser(
+        "loadgen",
+        help="open-loop load generator (Poisson or constant arrivals) for a local serve or router",
+        description="Send requests at RATE req/s for DURATION s with Poisson or constant arrivals (open loop: "
+        "the schedule does not wait for the server) to a loopback server, then report throughput, TTFT and "
+        "end-to-end latency p50/p90/p99 and errors by HTTP status (429s counted separately). Latencies count "
+        "from each request's scheduled arrival.",
+    )
+    g.add_argument("--url", required=True, help="base URL of the server, loopback only (e.g. http://127.0.0.1:8000)")
+    g.add_argument("--rate", type=float, required=True, metavar="R", help="offered requests per second")
+    g.add_argument("--duration", type=float, required=True, metavar="S", help="seconds of arrivals; the run then waits at most --timeout for the last answers")
+    g.add_argument("--arrival", default="poisson", choices=("poisson", "constant"), help="arrival process (default: poisson)")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line, or JSONL with a \"prompt\" field (default: 16 short embedded questions)")
+    g.add_argument("--endpoint", default="chat", choices=("chat", "completions", "rag"), help="chat = /v1/chat/completions, completions = /v1/completions, rag = /rag with {query, k} (default: chat)")
+    g.add_argument("--max-tokens", type=int, default=32, metavar="N", help="max_tokens of each request (default: 32)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the answers (needed for TTFT) (default: --stream)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature of each request (default: 0, greedy)")
+    g.add_argument("--model", default=None, help="model name to put in requests (default: none, the server's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and prompt choice (default: 0)")
+    g.add_argument("--max-in-flight", type=int, default=256, metavar="N", help="most open requests; arrivals beyond it are counted as skipped, never delayed (default: 256)")
+    g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout (default: 60)")
+    g.add_argument("--api-key", default=None, metavar="KEY", help="Bearer key for the server (default: none)")
+    g.add_argument("--out", default=None, metavar="JSON", help="also write the report to this JSON file (default: off)")
+    g.set_defaults(func=_loadgen)
+
+
+def _router(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from mlsyskit.errors import UserError
+    from mlsyskit.serve.router import run_router
+
+    for url in args.backends:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"--backends takes base URLs like http://127.0.0.1:8001, got {url!r}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.health_interval <= 0 or args.timeout <= 0:
+        raise UserError("--health-interval and --timeout must be positive")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    print(f"router on http://{args.host}:{args.port} over {len(args.backends)} backend(s)", flush=True)
+    return run_router(args.backends, args.host, args.port, health_interval=args.health_interval, request_timeout=args.timeout, api_key=args.api_key)
+
+
+def _loadgen(args: argparse.Namespace) -> int:
+    from mlsyskit.serve.loadgen import check_loopback, format_report, load_prompts, run_load
+
+    check_loopback(args.url)  # before anything else: refuse at once
+    prompts = load_prompts(args.prompts)
+    report = run_load(
+        args.url, args.rate, args.duration, arrival=args.arrival, prompts=prompts, endpoint=args.endpoint,
+        max_tokens=args.max_tokens, stream=args.stream, seed=args.seed, max_in_flight=args.max_in_flight,
+        timeout=args.timeout, model=args.model, temperature=args.temperature, api_key=args.api_key,
+    )
+    print(format_report(report))
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {path}")
+    return 0

@@ -1,0 +1,362 @@
+"""`mlsyskit serve --replicas N` / `--autoscale MIN..MAX`: engine worker processes behind the router.
+
+Each replica is a separate `python -m mlsyskit serve` process on a free loopback port (its own
+engine, KV cache and GIL), started with the same model flags; the CPU threads are split between
+replicas (`--threads` total, default one per core, divided by the largest replica count so
+replicas never oversubscribe the cores). This process runs the router on `--host:--port`.
+
+Cold start (process start -> first healthy /health) is measured and logged per replica: the
+engine memory-maps the GGUF and loads it once per process, so a new replica is ready in seconds.
+
+Nothing is restarted silently: a replica that exits is removed from rotation and logged; under
+`--autoscale` a replacement is started (and logged). Scale-down drains: the replica leaves
+rotation, its in-flight requests finish, then it gets SIGTERM. SIGINT/SIGTERM stop the router
+from accepting, let open requests finish, stop every worker and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlsyskit.errors import UserError
+from mlsyskit.serve.autoscale import Autoscaler, Observation, parse_range
+from mlsyskit.serve.router import Router, _queue, build_app
+
+log = logging.getLogger("mlsyskit.replicas")
+
+READY_TIMEOUT_S = 300.0  # a replica that is not healthy by then is stopped and reported
+STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
+# serve flags that belong to this process, not to the workers
+_OWN = {"host", "port", "replicas", "autoscale", "threads", "func", "command", "help"}
+
+
+def free_port() -> int:
+    """A port the OS reports free on 127.0.0.1 (bound, read, released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_parser() -> argparse.ArgumentParser | None:
+    from mlsyskit.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get("serve")
+    return None
+
+
+def worker_flags(args: argparse.Namespace) -> list[str]:
+    """The `serve` flags of `args` that differ from their defaults, as command-line words, minus
+    the ones this process owns (host, port, replicas, autoscale, threads)."""
+    parser = _serve_parser()
+    if parser is None:
+        raise UserError("mlsyskit serve is not available in this installation")
+    out: list[str] = []
+    for a in parser._actions:
+        if a.dest in _OWN or not a.option_strings or isinstance(a, argparse._HelpAction):
+            continue
+        if not hasattr(args, a.dest):
+            continue
+        value = getattr(args, a.dest)
+        if value == a.default:
+            continue
+        opt = next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+        if isinstance(a, argparse.BooleanOptionalAction):
+            out.append(opt if value else "--no-" + opt[2:])
+        elif isinstance(a, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._StoreConstAction):
+            out.append(opt)
+        elif isinstance(a, argparse._AppendAction):
+            for v in value or []:
+                out += [opt, str(v)]
+        elif isinstance(value, list | tuple):
+            out += [opt, *map(str, value)]
+        elif value is not None:
+            out += [opt, str(value)]
+    return out
+
+
+def _set_pdeathsig() -> None:
+    """Child side: get SIGTERM if the parent dies, so no orphaned replica keeps a port and GBs."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Worker:
+    """One replica process."""
+
+    index: int
+    port: int
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    ready_s: float | None = None  # cold start: process start -> healthy
+    stopping: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class ReplicaManager:
+    """Starts, watches, scales and stops the worker processes; feeds the router's pool."""
+
+    def __init__(
+        self,
+        router: Router,
+        flags: list[str],
+        threads_per_replica: int,
+        replicas: int,
+        autoscaler: Autoscaler | None = None,
+        poll_interval: float = 1.0,
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.router = router
+        self.flags = flags
+        self.threads = threads_per_replica
+        self.initial = replicas
+        self.autoscaler = autoscaler
+        self.poll_interval = poll_interval
+        self.ready_timeout = ready_timeout
+        self.workers: dict[int, Worker] = {}
+        self.cold_starts: list[float] = []
+        self.events: dict[str, int] = {"up": 0, "down": 0, "died": 0, "replaced": 0, "failed_start": 0}
+        self._next = 0
+        self._busy = False  # one scaling action at a time
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "mlsyskit", "serve", *self.flags, "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.threads), "--replicas", "1"]
+
+    def ready(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.ready_s is not None and not w.stopping]
+
+    async def start_worker(self) -> Worker | None:
+        """Start one replica, wait until it is healthy, put it in rotation; None if it failed."""
+        import httpx
+
+        self._next += 1
+        port = free_port()
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        cmd = self.command(port)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
+        w = Worker(self._next, port, proc)
+        self.workers[w.index] = w
+        deadline = w.started + self.ready_timeout
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            while True:
+                if proc.poll() is not None:
+                    log.error("replica %d (%s) exited with code %s while starting", w.index, w.url, proc.returncode)
+                    break
+                if time.monotonic() > deadline:
+                    log.error("replica %d (%s) not healthy after %.0f s: stopping it", w.index, w.url, self.ready_timeout)
+                    await self._terminate(w)
+                    break
+                if self._closing:
+                    await self._terminate(w)
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(w.url + "/health", headers=self.router._auth())).status_code == 200:
+                        w.ready_s = time.monotonic() - w.started
+                        self.cold_starts.append(w.ready_s)
+                        self.router.add_backend(w.url)
+                        log.warning("replica %d ready on %s (pid %d): cold start %.2f s", w.index, w.url, proc.pid, w.ready_s)
+                        return w
+                await asyncio.sleep(0.1)
+        self.workers.pop(w.index, None)
+        self.events["failed_start"] += 1
+        return None
+
+    async def _terminate(self, w: Worker) -> None:
+        """SIGTERM (the worker finishes or aborts its requests and exits), SIGKILL after a timeout."""
+        if w.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("replica %d did not stop within %.0f s: SIGKILL", w.index, STOP_TIMEOUT_S)
+                w.proc.kill()
+                await loop.run_in_executor(None, w.proc.wait)
+
+    async def stop_worker(self, w: Worker, drain: bool = True) -> None:
+        """Drain (leave rotation, wait for in-flight requests), then terminate."""
+        w.stopping = True
+        if drain:
+            done = await self.router.drain(w.url)
+            if not done:
+                log.error("replica %d still had requests after the drain timeout", w.index)
+        self.router.remove_backend(w.url)
+        await self._terminate(w)
+        self.workers.pop(w.index, None)
+
+    async def start(self) -> None:
+        """Start the initial replicas (in parallel) and the watch/scale loop."""
+        results = await asyncio.gather(*(self.start_worker() for _ in range(self.initial)))
+        if not any(results):
+            raise UserError("no replica could be started; see the errors above")
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        """Stop every worker (the router has already stopped accepting and let requests finish)."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(self.stop_worker(w, drain=True) for w in list(self.workers.values())))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self._watch()
+                if self.autoscaler is not None and not self._busy:
+                    await self._scale()
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad poll
+                log.exception("replica loop")
+
+    async def _watch(self) -> None:
+        for w in list(self.workers.values()):
+            if w.ready_s is None or w.stopping or w.proc.poll() is None:
+                continue
+            self.workers.pop(w.index, None)
+            self.router.remove_backend(w.url)
+            self.events["died"] += 1
+            log.error("replica %d (%s, pid %d) exited with code %s: removed from rotation", w.index, w.url, w.proc.pid, w.proc.returncode)
+            if self.autoscaler is not None:
+                self.events["replaced"] += 1
+                log.warning("autoscale: starting a replacement for replica %d", w.index)
+                self._spawn(self._up())
+
+    def _spawn(self, coro: Any) -> None:
+        self._busy = True
+
+        async def run() -> None:
+            try:
+                await coro
+            finally:
+                self._busy = False
+
+        asyncio.create_task(run())
+
+    def observe(self) -> Observation:
+        ready = self.ready()
+        urls = {w.url for w in ready}
+        queue = sum(_queue(b) for b in self.router.backends.values() if b.url in urls and b.routable)
+        return Observation(time.monotonic(), len(ready), float(queue), self.router.latency_quantile(0.9))
+
+    async def _scale(self) -> None:
+        obs = self.observe()
+        step = self.autoscaler.decide(obs)
+        if step > 0:
+            log.warning("autoscale: %d -> %d replicas (%s)", obs.replicas, obs.replicas + 1, self.autoscaler.reason)
+            self._spawn(self._up())
+        elif step < 0:
+            log.warning("autoscale: %d -> %d replicas (%s)", obs.replicas, obs.replicas - 1, self.autoscaler.reason)
+            self._spawn(self._down())
+
+    async def _up(self) -> None:
+        w = await self.start_worker()
+        if w is None:
+            self.autoscaler.cancel()
+        else:
+            self.events["up"] += 1
+
+    async def _down(self) -> None:
+        ready = self.ready()
+        if len(ready) <= 1:
+            return
+        # the least busy replica drains fastest
+        w = min(ready, key=lambda w: (self.router.backends[w.url].in_flight if w.url in self.router.backends else 0, -w.index))
+        await self.stop_worker(w, drain=True)
+        self.events["down"] += 1
+        log.warning("autoscale: replica %d drained and stopped", w.index)
+
+    def metrics(self) -> str:
+        lines = [
+            "# HELP mlsyskit_replicas Replica processes by state.",
+            "# TYPE mlsyskit_replicas gauge",
+            f'mlsyskit_replicas{{state="ready"}} {len(self.ready())}',
+            f'mlsyskit_replicas{{state="starting"}} {sum(1 for w in self.workers.values() if w.ready_s is None)}',
+            f'mlsyskit_replicas{{state="stopping"}} {sum(1 for w in self.workers.values() if w.stopping)}',
+            "# HELP mlsyskit_replica_cold_start_seconds Process start to first healthy /health, per replica.",
+            "# TYPE mlsyskit_replica_cold_start_seconds gauge",
+        ]
+        for w in self.workers.values():
+            if w.ready_s is not None:
+                lines.append(f'mlsyskit_replica_cold_start_seconds{{replica="{w.index}",url="{w.url}"}} {w.ready_s:.3f}')
+        lines += ["# HELP mlsyskit_replica_events_total Replica lifecycle events.", "# TYPE mlsyskit_replica_events_total counter"]
+        for k, v in self.events.items():
+            lines.append(f'mlsyskit_replica_events_total{{event="{k}"}} {v}')
+        return "\n".join(lines) + "\n"
+
+
+def serve_replicated(args: argparse.Namespace) -> int:
+    """Run `--replicas N` or `--autoscale MIN..MAX` workers behind the router on args.host:args.port
+    until SIGINT/SIGTERM; 0 after a graceful stop, 1 if no replica could start."""
+    import uvicorn
+
+    from mlsyskit.serve.router import _quiet_signals
+
+    autoscale = getattr(args, "autoscale", None)
+    replicas = getattr(args, "replicas", None) or 1
+    scaler = None
+    if autoscale:
+        lo, hi = autoscale if isinstance(autoscale, tuple | list) else parse_range(autoscale)
+        scaler = Autoscaler(lo, hi)
+        initial, most = max(lo, min(hi, replicas if getattr(args, "replicas", None) else lo)), hi
+    else:
+        if replicas < 1:
+            raise UserError(f"--replicas must be at least 1, got {replicas}")
+        initial = most = replicas
+    total = getattr(args, "threads", None) or os.cpu_count() or 1
+    if total < 1:
+        raise UserError(f"--threads must be at least 1, got {total}")
+    per = max(1, total // most)
+    flags = worker_flags(args)
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    router = Router([], api_key=getattr(args, "api_key", None))
+    manager = ReplicaManager(router, flags, per, initial, scaler)
+    router.extra_metrics = manager.metrics
+    failed: list[str] = []
+
+    async def start() -> None:
+        try:
+            await manager.start()
+        except UserError as e:  # one line, not uvicorn's startup traceback
+            failed.append(str(e))
+            server.should_exit = True
+
+    app = build_app(router, lifespan_hooks=(start, manager.close))
+    host, port = getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 8000))
+    mode = f"autoscale {scaler.min}..{scaler.max}" if scaler else f"{initial} replicas"
+    log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, host, port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60))
+    with _quiet_signals():
+        server.run()
+    if failed:
+        raise UserError(failed[0])
+    if not server.started:
+        return 1
+    if manager.cold_starts:
+        cs = manager.cold_starts
+        log.warning("stopped; cold starts %s s (mean %.2f s)", ", ".join(f"{c:.2f}" for c in cs), sum(cs) / len(cs))
+    return 0
