@@ -53,6 +53,8 @@ KERNEL_CASES = [
     ("q8", QuantScheme(bits=8)),
     ("q8", QuantScheme(bits=8, granularity="group", group_size=32)),
     ("q8", QuantScheme(bits=8, granularity="tensor")),
+    ("q8", QuantScheme(bits=8, symmetric=False)),  # zero point: the kernel, then s z sum(x)
+    ("q8", QuantScheme(bits=8, granularity="group", group_size=64, symmetric=False)),
     ("q4", QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False)),
     ("q4", QuantScheme(bits=4, granularity="group", group_size=64)),
     ("q4", QuantScheme(bits=4, granularity="channel", symmetric=False)),
@@ -82,7 +84,6 @@ def test_kernel_output_equals_dequantize_then_matmul(kind: str, scheme: QuantSch
 
 FALLBACK_CASES = [
     QuantScheme(bits=3, granularity="group", group_size=16, symmetric=False),  # group < 32
-    QuantScheme(bits=8, granularity="channel", symmetric=False),  # asymmetric int8: no kernel
     QuantScheme(bits=4, granularity="group", group_size=16, symmetric=False),  # group < 32
 ]
 

@@ -41,6 +41,7 @@ def quantized_model(folder: Path, config: WeightOnlyConfig):
 
 @pytest.mark.parametrize("scheme", [
     QuantScheme(bits=8), QuantScheme(bits=8, granularity="tensor"),
+    QuantScheme(bits=8, symmetric=False), QuantScheme(bits=8, granularity="group", group_size=32, symmetric=False),
     QuantScheme(bits=4, granularity="group", group_size=32),
     QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False),
     QuantScheme(bits=4, granularity="tensor", symmetric=False),

@@ -13,7 +13,7 @@ from torch import nn
 from mlsyskit.engine.checkpoint import load_checkpoint
 from mlsyskit.errors import UserError
 from mlsyskit.models.transformer import build_transformer
-from mlsyskit.quant.linear import QuantLinear, parse_quantization, quantize_
+from mlsyskit.quant.linear import QuantLinear, int8_weight_only, parse_quantization, quantize_
 from mlsyskit.quant.perplexity import bits_per_weight, linear_weight_bits, perplexity, windows
 
 
@@ -80,10 +80,14 @@ def test_bits_per_weight_by_hand(tiny_llama_dir: Path, tiny_qwen2_dir: Path) -> 
     assert bits_per_weight(build_transformer(ckpt.config, ckpt.state_dict, torch.bfloat16)) == 16
     quantize_(model, parse_quantization("int4-g32"))
     assert bits_per_weight(model) == pytest.approx(4 + (16 + 4) / 32)
-    # int8 per channel, symmetric: one 16-bit scale per output row of each matrix
+    # int8 per channel: one 16-bit scale and one 8-bit zero point per output row of each matrix
     model = build_transformer(ckpt.config, ckpt.state_dict)
     quantize_(model, parse_quantization("int8"))
     rows = 2 * (128 + 64 + 256 + 64) + vocab
+    assert bits_per_weight(model) == pytest.approx(8 + (16 + 8) * rows / n)
+    # symmetric: no zero points
+    model = build_transformer(ckpt.config, ckpt.state_dict)
+    quantize_(model, int8_weight_only(symmetric=True))
     assert bits_per_weight(model) == pytest.approx(8 + 16 * rows / n)
     # tied embeddings: the fp32 model reads the embedding as its head, the quantized one a copy
     tied = load_checkpoint(tiny_qwen2_dir)

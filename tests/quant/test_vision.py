@@ -42,7 +42,7 @@ def test_int8_and_int4_keep_a_trained_model_accurate(mnist, data_dir: Path) -> N
     assert int4["group_sizes"] == {"fc1": 112, "fc2": 64}
     n1, n2 = 64 * 784, 10 * 64
     assert int4["bits_per_weight"] == pytest.approx((n1 * (4 + 20 / 112) + n2 * (4 + 20 / 64)) / (n1 + n2))
-    assert int8["bits_per_weight"] == pytest.approx((n1 * (8 + 16 / 784) + n2 * (8 + 16 / 64)) / (n1 + n2))
+    assert int8["bits_per_weight"] == pytest.approx((n1 * (8 + 24 / 784) + n2 * (8 + 24 / 64)) / (n1 + n2))
 
 
 def test_cnn_from_a_fedavg_run_dir(mnist, data_dir: Path, tmp_path: Path) -> None:

@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--exact-group-size", action="store_true", help="refuse a group size that does not divide every quantized layer's input width instead of shrinking it (default: off)")
     q.add_argument("--granularity", choices=("tensor", "channel", "group"), default=None, help="one scale per tensor, per output channel or per group of inputs (default: channel for 8 bits, group otherwise)")
     sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="absmax scales, no zero point (default for 8 bits)")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="min/max scales with a zero point per scale (default below 8 bits)")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="absmax scales, no zero point (default: off)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="min/max scales with a zero point per scale (default)")
     q.add_argument("--scale-dtype", choices=("float16", "bfloat16"), default="float16", help="dtype the scales are stored in (default: float16)")
     q.add_argument("--lm-head", choices=("same", "int8", "float"), default="same", help="the output projection (for tied embeddings a quantized copy of the embedding): same = like the other layers, int8 = 8 bits per channel (llama.cpp also keeps it at higher precision), float = not quantized (default: same)")
     q.add_argument("--method", choices=("rtn", "awq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024) calibrated on --calib (default: rtn)")
@@ -92,7 +92,7 @@ def _weight_config(args: argparse.Namespace) -> Any:
         bits=args.bits,
         granularity=args.granularity or ("channel" if eight else "group"),
         group_size=args.group_size,
-        symmetric=eight if args.symmetric is None else args.symmetric,
+        symmetric=bool(args.symmetric),
         scale_dtype=args.scale_dtype,
     )
     return WeightOnlyConfig(scheme, fit_group_size=not args.exact_group_size)

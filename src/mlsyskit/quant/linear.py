@@ -36,10 +36,16 @@ class QuantLinear(nn.Module):
         g = scale.shape[1]
         bits, sym = qt.scheme.bits, qt.scheme.symmetric
         self.kind = "dequant"
-        if bits == 8 and sym and kernels.supports(k, k // g):
+        if bits == 8 and kernels.supports(k, k // g):
             self.kind = "q8"
-            self.register_buffer("codes", qt.codes.contiguous())
+            zero = None
+            codes = qt.codes
+            if not sym:  # the kernel takes signed codes: an unsigned q is (q - 128) + 128
+                codes = (codes.to(torch.int16) - 128).to(torch.int8)
+                zero = qt.zero.float().expand(n, g) - 128
+            self.register_buffer("codes", codes.contiguous())
             self.register_buffer("scale", scale)
+            self.register_buffer("zero", None if zero is None else zero.contiguous())
         elif bits <= 4 and kernels.supports(k, k // g):
             # 3- and 2-bit codes fit in a nibble too: they run on the 4-bit kernel and take 4
             # bits per weight in memory (the file keeps them densely packed).
@@ -89,6 +95,10 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if self.kind == "q8" and x2.shape[0] <= kernels.MAX_ROWS:
             y = kernels.q8_gemv(x2, self.codes, self.scale)
+            if self.zero is not None:  # W = s (q - z): take s z times each group's sum of x
+                g = self.scale.shape[1]
+                sums = x2.view(x2.shape[0], g, self.in_features // g).sum(-1)
+                y = y - sums @ (self.scale * self.zero).t()
         elif self.kind == "q4" and x2.shape[0] <= kernels.MAX_ROWS:
             y = kernels.q4_gemv(x2, self.codes, self.scale, self.zero)
         else:
@@ -133,9 +143,10 @@ class WeightOnlyConfig:
         return dataclasses.replace(s, group_size=best)
 
 
-def int8_weight_only(**kw: object) -> WeightOnlyConfig:
-    """W8A16: 8-bit symmetric per-output-channel weights."""
-    return WeightOnlyConfig(QuantScheme(bits=8, granularity="channel", symmetric=True), **kw)
+def int8_weight_only(symmetric: bool = False, **kw: object) -> WeightOnlyConfig:
+    """W8A16: 8-bit per-output-channel weights, by default with a zero point per channel
+    (on SmolLM2: +0.1 % perplexity, against +0.7 % for symmetric absmax scales)."""
+    return WeightOnlyConfig(QuantScheme(bits=8, granularity="channel", symmetric=symmetric), **kw)
 
 
 def int4_weight_only(group_size: int = 128, **kw: object) -> WeightOnlyConfig:

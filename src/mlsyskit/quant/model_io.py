@@ -62,6 +62,8 @@ def quantized_tensor_of(layer: QuantLinear) -> QuantizedTensor:
         codes = kernels.unpack_q4_blocks(layer.codes)
         if s.symmetric:  # stored as q + 8 with a constant zero point of 8
             codes, zero = (codes.to(torch.int16) - 8).to(torch.int8), None
+    elif layer.kind == "q8" and not s.symmetric:  # stored as q - 128 with the zero point - 128
+        codes, zero = (layer.codes.to(torch.int16) + 128).to(torch.uint8), zero + 128
     else:
         codes = layer.codes
     if s.granularity == "tensor":  # one scale, expanded to (n, 1) for the kernels

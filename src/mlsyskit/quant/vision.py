@@ -98,7 +98,7 @@ def cnn_quantization_accuracy(
     group_size: int = 128,
     quantize_convs: bool = True,
 ) -> dict[str, Any]:
-    """Test accuracy of an image model in fp32, INT8 (per channel, symmetric) and INT4
+    """Test accuracy of an image model in fp32, INT8 (per channel, with zero points) and INT4
     (groups of ``group_size``, asymmetric, shrunk per layer where it does not divide).
 
     ``source``: a fedavg run directory or a model. The test images are those of ``mnist-5k``
