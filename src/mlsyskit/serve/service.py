@@ -158,6 +158,7 @@ class EngineService:
         self._inbox: list[tuple[str, Any]] = []
         self._tracks: dict[str, _Track] = {}
         self._num_running = 0  # requests the engine's scheduler is running (published per loop)
+        self._peak_running = 0
         self._stopping = False
         self._accepting = False
         self._thread: threading.Thread | None = None
@@ -334,6 +335,7 @@ class EngineService:
                 "queue_depth": waiting,
                 "max_queue": self.max_queue,
                 "running": self._num_running,
+                "peak_running": self._peak_running,
                 "in_flight": len(self._tracks),
                 "kv_blocks_used": self._kv_used,
                 "kv_blocks_free": self._kv_total - self._kv_used,
@@ -418,6 +420,7 @@ class EngineService:
     def _publish_locked(self) -> None:
         engine = self.engine
         self._num_running = len(engine.scheduler.running)
+        self._peak_running = max(self._peak_running, self._num_running)
         bm = engine.block_manager
         self._kv_used = bm.num_blocks - bm.num_free if bm is not None else 0
 
