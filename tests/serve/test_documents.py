@@ -42,15 +42,16 @@ def _write(folder: Path, files: dict[str, str]) -> Path:
 
 
 # -- chunking -------------------------------------------------------------------------------------
-def _long_text() -> str:
+def _long_text(paragraphs: int = 25, long: int = 300) -> str:
+    """Paragraphs of 3-90 words, one ``long``-word line, ``long`` words on 10 lines, some code."""
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(2000)]
     paras, i = [], 0
-    for n in rng.integers(3, 90, size=25):
+    for n in rng.integers(3, 90, size=paragraphs):
         paras.append(" ".join(words[i : i + n]))
         i += n
-    paras.append(" ".join(f"long{j}" for j in range(300)))  # one paragraph, one line, 300 words
-    paras.append("\n".join(" ".join(f"l{j}_{m}" for m in range(30)) for j in range(10)))  # 300 words, 10 lines
+    paras.append(" ".join(f"long{j}" for j in range(long)))
+    paras.append("\n".join(" ".join(f"l{j}_{m}" for m in range(long // 10)) for j in range(10)))
     paras.append("    indented code line\n        more code")
     return "\n\n".join(paras) + "\n"
 
@@ -88,7 +89,7 @@ def test_from_path_directory_recursive_sorted_with_titles(tmp_path: Path) -> Non
 
 
 def test_long_file_is_chunked_and_chunks_keep_source_and_title(tmp_path: Path) -> None:
-    text = "# Big file\n\n" + _long_text()
+    text = "# Big file\n\n" + _long_text(8, 160)
     (tmp_path / "big.md").write_text(text, encoding="utf-8")
     store = DocumentStore.from_path(tmp_path / "big.md", chunk_words=100)
     docs = store.documents()
@@ -198,7 +199,7 @@ def test_store_rejects_bad_input() -> None:
 
 def test_add_with_chunking_splits_long_texts() -> None:
     store = DocumentStore()
-    text = _long_text()
+    text = _long_text(6, 200)
     ids = store.add([text, "short one"], ids=["long", "short"], chunk_words=150)
     assert ids[-1] == "short" and ids[0] == "long#0" and len(ids) > 5
     assert " ".join(store.get(i).text for i in ids[:-1]).split() == text.split()
