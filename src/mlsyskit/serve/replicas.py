@@ -12,6 +12,12 @@ Nothing is restarted silently: a replica that exits is removed from rotation and
 `--autoscale` a replacement is started (and logged). Scale-down drains: the replica leaves
 rotation, its in-flight requests finish, then it gets SIGTERM. SIGINT/SIGTERM stop the router
 from accepting, let open requests finish, stop every worker and exit 0.
+
+The autoscaler's settings (see `mlsyskit.serve.autoscale`) can be tuned with the environment
+variable MLSYSKIT_AUTOSCALE, comma-separated KEY=VALUE among up_threshold (default 2 waiting
+requests per replica), down_threshold (0), up_after (2 polls), down_after (5), cooldown (10 s),
+latency_up_s, latency_down_s (off) and interval (1 s between polls), e.g.
+MLSYSKIT_AUTOSCALE="up_threshold=4,cooldown=30".
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +103,19 @@ def _set_pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _relay(proc: subprocess.Popen, prefix: str) -> None:
+    """Copy a worker's output to ours, each line prefixed with its replica. Its own
+    "serving ... on URL" line is dropped: this process prints the cluster's ready line, and only
+    that one may look like a server's ready line."""
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if line.startswith("serving "):
+            continue
+        with contextlib.suppress(Exception):
+            print(prefix + line, file=sys.stderr, flush=True)
+
+
 @dataclass
 class Worker:
     """One replica process."""
@@ -154,8 +174,9 @@ class ReplicaManager:
         port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         cmd = self.command(port)
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
         w = Worker(self._next, port, proc)
+        threading.Thread(target=_relay, args=(proc, f"replica {w.index} | "), daemon=True).start()
         self.workers[w.index] = w
         deadline = w.started + self.ready_timeout
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
@@ -308,6 +329,29 @@ class ReplicaManager:
         return "\n".join(lines) + "\n"
 
 
+AUTOSCALE_ENV = "MLSYSKIT_AUTOSCALE"
+_AUTOSCALE_KEYS = {"up_threshold": float, "down_threshold": float, "up_after": int, "down_after": int, "cooldown": float, "latency_up_s": float, "latency_down_s": float, "interval": float}
+
+
+def autoscale_settings(text: str | None) -> dict[str, float | int]:
+    """Parse MLSYSKIT_AUTOSCALE ("key=value,..."); UserError on an unknown key or bad value."""
+    out: dict[str, float | int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _AUTOSCALE_KEYS:
+            raise UserError(f"{AUTOSCALE_ENV}: expected KEY=VALUE with KEY among {', '.join(_AUTOSCALE_KEYS)}; got {item.strip()!r}")
+        try:
+            out[key] = _AUTOSCALE_KEYS[key](value.strip())
+        except ValueError:
+            raise UserError(f"{AUTOSCALE_ENV}: {key} needs a number, got {value.strip()!r}") from None
+    if out.get("interval", 1.0) <= 0:
+        raise UserError(f"{AUTOSCALE_ENV}: interval must be positive")
+    return out
+
+
 def serve_replicated(args: argparse.Namespace) -> int:
     """Run `--replicas N` or `--autoscale MIN..MAX` workers behind the router on args.host:args.port
     until SIGINT/SIGTERM; 0 after a graceful stop, 1 if no replica could start."""
@@ -318,9 +362,12 @@ def serve_replicated(args: argparse.Namespace) -> int:
     autoscale = getattr(args, "autoscale", None)
     replicas = getattr(args, "replicas", None) or 1
     scaler = None
+    interval = 1.0
     if autoscale:
         lo, hi = autoscale if isinstance(autoscale, tuple | list) else parse_range(autoscale)
-        scaler = Autoscaler(lo, hi)
+        settings = autoscale_settings(os.environ.get(AUTOSCALE_ENV))
+        interval = float(settings.pop("interval", 1.0))
+        scaler = Autoscaler(lo, hi, **settings)
         initial, most = max(lo, min(hi, replicas if getattr(args, "replicas", None) else lo)), hi
     else:
         if replicas < 1:
@@ -333,10 +380,19 @@ def serve_replicated(args: argparse.Namespace) -> int:
     flags = worker_flags(args)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    router = Router([], api_key=getattr(args, "api_key", None))
-    manager = ReplicaManager(router, flags, per, initial, scaler)
+    from mlsyskit.serve.cli import bind_socket
+
+    host, port = getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 8000))
+    sock = bind_socket(host, port)  # a busy port is one clear error before any worker starts
+    sock.set_inheritable(False)  # the workers must not hold the router's port
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    api_key = getattr(args, "api_key", None) or os.environ.get("MLSYSKIT_API_KEY") or None
+    router = Router([], api_key=api_key)
+    manager = ReplicaManager(router, flags, per, initial, scaler, poll_interval=interval)
     router.extra_metrics = manager.metrics
     failed: list[str] = []
+    mode = f"autoscale {scaler.min}..{scaler.max}" if scaler else f"replicas={initial}"
 
     async def start() -> None:
         try:
@@ -344,19 +400,35 @@ def serve_replicated(args: argparse.Namespace) -> int:
         except UserError as e:  # one line, not uvicorn's startup traceback
             failed.append(str(e))
             server.should_exit = True
+            return
+        name = await _model_name(router)
+        cs = ", ".join(f"{c:.1f}s" for c in manager.cold_starts)
+        # the same ready line as a single `mlsyskit serve`, so scripts can wait for it
+        print(f"serving {name} on http://{shown}:{bound_port} ({mode}, {per} thread(s) each, router: least outstanding tokens, cold starts {cs})", flush=True)
 
     app = build_app(router, lifespan_hooks=(start, manager.close))
-    host, port = getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 8000))
-    mode = f"autoscale {scaler.min}..{scaler.max}" if scaler else f"{initial} replicas"
-    log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60))
-    with _quiet_signals():
-        server.run()
+    log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, shown, bound_port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
+    try:
+        with _quiet_signals():
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
     if failed:
         raise UserError(failed[0])
     if not server.started:
         return 1
     if manager.cold_starts:
-        cs = manager.cold_starts
-        log.warning("stopped; cold starts %s s (mean %.2f s)", ", ".join(f"{c:.2f}" for c in cs), sum(cs) / len(cs))
+        cs_all = manager.cold_starts
+        log.warning("stopped; cold starts %s s (mean %.2f s)", ", ".join(f"{c:.2f}" for c in cs_all), sum(cs_all) / len(cs_all))
+    print("server stopped", file=sys.stderr, flush=True)
     return 0
+
+
+async def _model_name(router: Router) -> str:
+    """The model id the first live replica serves (for the ready line)."""
+    for b in router.live():
+        with contextlib.suppress(Exception):
+            r = await router._client.get(b.url + "/v1/models", headers=router._auth(), timeout=5.0)
+            return str(r.json()["data"][0]["id"])
+    return "model"

@@ -1,0 +1,166 @@
+"""Autoscaler decisions (hysteresis, cooldown, bounds), then one real `serve --autoscale 1..2` run:
+a queue builds up, a second replica is started and joins the rotation, the load ends, one replica
+is drained and stopped, and SIGTERM stops everything with exit 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from mlsyskit.errors import UserError
+from mlsyskit.serve.autoscale import Autoscaler, Observation, parse_range
+from mlsyskit.serve.replicas import autoscale_settings
+
+
+def obs(t: float, replicas: int, queue: float, p90: float | None = None) -> Observation:
+    return Observation(t=t, replicas=replicas, queue_depth=queue, p90_latency_s=p90)
+
+
+def test_scale_up_needs_consecutive_hot_observations() -> None:
+    a = Autoscaler(1, 3, up_threshold=2, down_threshold=0, up_after=3, down_after=2, cooldown=0)
+    assert [a.decide(obs(t, 1, 5)) for t in range(2)] == [0, 0]
+    assert a.decide(obs(2, 1, 1)) == 0  # a cool poll resets the streak
+    assert [a.decide(obs(t, 1, 5)) for t in range(3, 5)] == [0, 0]
+    assert a.decide(obs(5, 1, 5)) == +1
+    # queue per replica, not total: 5 waiting over 3 replicas is 1.67 < 2
+    b = Autoscaler(1, 4, up_threshold=2, down_threshold=0, up_after=1, down_after=1, cooldown=0)
+    assert b.decide(obs(0, 3, 5)) == 0
+    assert b.decide(obs(1, 3, 6)) == +1
+
+
+def test_hysteresis_band_holds_steady() -> None:
+    a = Autoscaler(1, 3, up_threshold=4, down_threshold=1, up_after=1, down_after=1, cooldown=0)
+    # between the thresholds nothing happens, however long it lasts
+    assert all(a.decide(obs(t, 2, 2 * 2.5)) == 0 for t in range(20))
+    assert a.decide(obs(20, 2, 2 * 1)) == -1  # at or below down_threshold
+    assert a.decide(obs(21, 2, 2 * 4)) == +1
+
+
+def test_cooldown_after_a_change() -> None:
+    a = Autoscaler(1, 4, up_threshold=1, down_threshold=0, up_after=1, down_after=1, cooldown=10)
+    assert a.decide(obs(0, 1, 3)) == +1
+    assert a.decide(obs(5, 2, 6)) == 0  # still hot, but cooling down
+    assert a.decide(obs(9.9, 2, 6)) == 0
+    assert a.decide(obs(10, 2, 6)) == +1
+    assert a.decide(obs(12, 3, 0)) == 0
+    a.cancel()  # that change failed (replica did not start): no cooldown for the retry
+    assert a.decide(obs(13, 3, 9)) == +1
+
+
+def test_bounds() -> None:
+    a = Autoscaler(2, 3, up_threshold=1, down_threshold=0, up_after=1, down_after=1, cooldown=100)
+    assert a.decide(obs(0, 3, 50)) == 0  # at max: never up
+    assert a.decide(obs(1, 2, 0)) == 0  # at min: never down
+    assert a.decide(obs(2, 1, 0)) == +1  # below min (a replica died): up at once, cooldown or not
+    assert a.decide(obs(3, 4, 0)) == -1  # above max: down at once
+
+
+def test_latency_signal() -> None:
+    a = Autoscaler(1, 2, up_threshold=10, down_threshold=0, up_after=2, down_after=2, cooldown=0, latency_up_s=5.0, latency_down_s=1.0)
+    assert a.decide(obs(0, 1, 0, p90=8.0)) == 0
+    assert a.decide(obs(1, 1, 0, p90=8.0)) == +1  # slow answers with an empty queue
+    # an empty queue is not enough to scale down while latency is above latency_down_s
+    assert [a.decide(obs(t, 2, 0, p90=3.0)) for t in range(2, 6)] == [0, 0, 0, 0]
+    assert [a.decide(obs(t, 2, 0, p90=0.5)) for t in range(6, 8)] == [0, -1]
+
+
+def test_bad_settings_are_one_line_errors() -> None:
+    assert parse_range("1..4") == (1, 4)
+    assert parse_range("3") == (3, 3)
+    for bad in ("0..2", "3..2", "a..b", "1-4"):
+        with pytest.raises(UserError, match="autoscale"):
+            parse_range(bad)
+    with pytest.raises(UserError):
+        Autoscaler(1, 2, up_threshold=1, down_threshold=1)
+    assert autoscale_settings("up_threshold=3, cooldown=0.5,interval=0.2") == {"up_threshold": 3.0, "cooldown": 0.5, "interval": 0.2}
+    for bad in ("bogus=1", "cooldown", "up_after=x", "interval=0"):
+        with pytest.raises(UserError, match="MLSYSKIT_AUTOSCALE"):
+            autoscale_settings(bad)
+
+
+READY = re.compile(r"^serving (\S+) on (http://\S+) ", re.M)
+
+
+def test_serve_autoscale_scales_up_then_drains_down(tiny_llama_dir, tmp_path) -> None:
+    log = tmp_path / "autoscale.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MLSYSKIT_AUTOSCALE": "up_threshold=2,up_after=2,down_after=3,cooldown=1,interval=0.25"}
+    env.pop("MLSYSKIT_API_KEY", None)
+    # one sequence at a time per replica, so concurrent requests queue up
+    cmd = [sys.executable, "-m", "mlsyskit", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--threads", "2",
+           "--autoscale", "1..2", "--max-model-len", "256", "--num-kv-blocks", "64", "--max-num-seqs", "1"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (m := READY.search(log.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.05)
+        model, url = m.group(1), m.group(2)
+
+        def live() -> list[str]:
+            return [b["url"] for b in httpx.get(url + "/health", timeout=5).json()["backends"] if b["alive"] and not b["draining"]]
+
+        assert len(live()) == 1
+        first = live()[0]
+        results: list[int] = []
+        seen_two = threading.Event()
+
+        def client(i: int) -> None:
+            # keep a queue on the replicas until a second one has joined, then a little longer
+            with httpx.Client(timeout=120) as c:
+                for j in range(400):
+                    body = {"model": model, "prompt": f"request {i}-{j}", "max_tokens": 32, "temperature": 0}
+                    results.append(c.post(url + "/v1/completions", json=body).status_code)
+                    if seen_two.is_set() and j >= 2:
+                        return
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while len(live()) < 2:
+            assert time.monotonic() - t0 < 90, log.read_text(errors="replace")
+            time.sleep(0.1)
+        seen_two.set()
+        for t in threads:
+            t.join()
+        assert results and all(s == 200 for s in results)  # no request lost while scaling
+        text = log.read_text(errors="replace")
+        assert "autoscale: 1 -> 2 replicas" in text and "cold start" in text
+
+        # load gone: after down_after quiet polls one replica is drained and stopped
+        t0 = time.monotonic()
+        while len(live()) > 1:
+            assert time.monotonic() - t0 < 60, log.read_text(errors="replace")
+            time.sleep(0.1)
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        assert 'mlsyskit_replica_events_total{event="up"} 1' in metrics
+        t0 = time.monotonic()
+        while 'mlsyskit_replica_events_total{event="down"} 1' not in httpx.get(url + "/metrics", timeout=5).text:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.1)
+        assert "drained and stopped" in log.read_text(errors="replace")
+        # still serving on the one left
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "still there?", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        assert first in live() or len(live()) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text(errors="replace")
+    # no worker outlives the server
+    ports = re.findall(r"replica \d+ ready on http://127.0.0.1:(\d+)", log.read_text())
+    assert len(ports) == 2
+    for p in ports:
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{p}/health", timeout=2)
