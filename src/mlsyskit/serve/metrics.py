@@ -49,6 +49,12 @@ class _ServiceCollector(Collector):
         c = CounterMetricFamily("mlsyskit_generated_tokens", "tokens generated (tokens/s is its rate)", labels=["model"])
         c.add_metric(model, s["tokens_generated"])
         yield c
+        c = CounterMetricFamily("mlsyskit_requests_finished", "requests that ran to the end (stop or length)", labels=["model"])
+        c.add_metric(model, s["requests_finished"])
+        yield c
+        c = CounterMetricFamily("mlsyskit_requests_aborted", "requests aborted (client gone, shutdown)", labels=["model"])
+        c.add_metric(model, s["requests_aborted"])
+        yield c
         c = CounterMetricFamily("mlsyskit_engine_steps", "engine steps run", labels=["model"])
         c.add_metric(model, s["engine_steps"])
         yield c
