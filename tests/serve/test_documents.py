@@ -195,6 +195,13 @@ def test_store_rejects_bad_input() -> None:
     with pytest.raises(UserError, match="k must be"):
         store.search("q", 0)
     assert DocumentStore().search("anything", 3) == []
+    with pytest.raises(UserError, match="surrogate"):  # JSON can carry one; the tokenizer cannot
+        store.add(["bad \ud800 text"])
+    with pytest.raises(UserError, match="surrogate"):
+        store.add(["good text"], titles=["\udc00"])
+    with pytest.raises(UserError, match="surrogate"):
+        store.search("\ud800?", 1)
+    assert len(store) == 1
 
 
 def test_add_with_chunking_splits_long_texts() -> None:

@@ -77,6 +77,15 @@ def count_embedding_tokens(texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in enc["input_ids"]]
 
 
+def check_text(text: str, what: str) -> None:
+    """UserError unless ``text`` is valid Unicode (JSON lets a client send a lone surrogate,
+    which neither the tokenizer nor a UTF-8 response can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} contains an unpaired surrogate (not valid Unicode text)") from None
+
+
 class DuplicateIdError(UserError):
     """A document id that the store already holds (or that one call gives twice)."""
 
@@ -223,6 +232,10 @@ class DocumentStore:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise UserError(f"text {i} is empty: a document needs some text")
+            check_text(t, f"text {i}")
+        for name, seq in (("id", ids), ("source", sources), ("title", titles)):
+            for i, x in enumerate(seq or []):
+                check_text(str(x or ""), f"the {name} of text {i}")
         if vectors is not None and chunk_words is not None:
             raise UserError("give either vectors or chunk_words, not both")
         with self._lock:
@@ -278,6 +291,7 @@ class DocumentStore:
         first; ties by insertion order."""
         if not isinstance(query, str) or not query.strip():
             raise UserError("the query is empty")
+        check_text(query, "the query")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         q = self._embed([query])

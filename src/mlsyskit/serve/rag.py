@@ -45,6 +45,7 @@ from mlsyskit.serve.documents import (
     DuplicateIdError,
     Retrieved,
     build_messages,
+    check_text,
     embed,
     fit_context,
 )
@@ -349,6 +350,8 @@ def build_rag_router(service: Any, docs: str | None, *, store: DocumentStore | N
         if empty is not None:
             return openai_error(400, f"input {empty} is an empty string", param="input")
         try:
+            for i, x in enumerate(inputs):
+                check_text(x, f"input {i}")
             vectors, counts = await asyncio.to_thread(_embed_checked, list(inputs))
         except (RequestError, UserError) as e:
             return _error_for(e, "input")
