@@ -4,7 +4,8 @@
 127.0.0.1 with a free port (``--port 0``, the port is read from the ready line), the SmolLM2 GGUF,
 one torch thread, a small KV pool and context, and waits until it answers ``/health``. Flags are
 ``mlsyskit serve`` flags with underscores (``max_queue=1`` -> ``--max-queue 1``; ``True`` -> a bare
-flag; ``None``/``False`` -> omitted). The returned URL is a ``str`` that also carries ``.proc``
+flag; ``None``/``False`` -> omitted). The RAG routes are off (``--no-rag``) unless ``docs=`` or
+``no_rag=False`` is given: embedding the default corpus would slow every start. The returned URL is a ``str`` that also carries ``.proc``
 (the ``subprocess.Popen``), ``.log`` (its output file) and ``.model`` (the served model id).
 Every server of a module is stopped with SIGTERM at the end of the module.
 """
@@ -45,6 +46,8 @@ class ServerURL(str):
 
 def server_command(model: Path, flags: dict) -> list[str]:
     args = [sys.executable, "-m", "mlsyskit.cli", "serve", "--model", str(model), "--port", "0"]
+    if "docs" not in flags:
+        flags = {"no_rag": True, **flags}
     for key, value in {**SERVER_DEFAULTS, **flags}.items():
         if value is None or value is False:
             continue
@@ -118,3 +121,14 @@ def start_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -
 def server(start_server: Callable[..., ServerURL]) -> ServerURL:
     """One default server (continuous batching) shared by a module's tests."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def launch_server(smollm2_path: Path) -> Callable[..., ServerURL]:
+    """``launch_server(log_path, env=None, **flags)``: a server the test stops itself (e.g. with a
+    signal, to check shutdown); same flags as ``start_server``."""
+
+    def start(log: Path, *, env: dict | None = None, **flags: object) -> ServerURL:
+        return launch(server_command(smollm2_path, flags), log, env=env)
+
+    return start

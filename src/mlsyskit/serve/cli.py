@@ -140,8 +140,24 @@ def build_rag_router(service: Any, args: argparse.Namespace) -> Any:
     return build(service, args.docs)
 
 
-def run_server(app: Any, sock: socket.socket, *, on_ready: Callable[[], None], log_level: str, drain_timeout: float) -> None:
-    """Run uvicorn on ``sock`` until SIGINT/SIGTERM; call ``on_ready`` once it accepts."""
+def run_server(
+    app: Any,
+    sock: socket.socket,
+    *,
+    on_ready: Callable[[], None],
+    log_level: str,
+    drain_timeout: float,
+    service: Any = None,
+) -> None:
+    """Run uvicorn on ``sock`` until SIGINT/SIGTERM; call ``on_ready`` once it accepts.
+
+    Shutdown is graceful: the listening socket closes, ``service`` (an EngineService) stops
+    accepting, in-flight requests get ``drain_timeout`` seconds to finish, then the rest are
+    aborted so that their responses still end cleanly (an error event and ``[DONE]`` for a
+    stream, a 503 JSON error otherwise) before the connections close.
+    """
+    import asyncio
+
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -149,6 +165,17 @@ def run_server(app: Any, sock: socket.socket, *, on_ready: Callable[[], None], l
             await super().startup(sockets)
             if self.started and not self.should_exit:
                 on_ready()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            timer = None
+            if service is not None:
+                service.drain()
+                timer = asyncio.get_running_loop().call_later(drain_timeout, service.abort_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
@@ -160,7 +187,8 @@ def run_server(app: Any, sock: socket.socket, *, on_ready: Callable[[], None], l
         app,
         log_level=log_level,
         access_log=log_level in ("info", "debug"),
-        timeout_graceful_shutdown=drain_timeout,
+        # uvicorn's own deadline cancels handlers mid-response: only a backstop behind ours
+        timeout_graceful_shutdown=drain_timeout + 10,
         lifespan="on",
     )
     server = _Server(config)
@@ -204,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-        run_server(app, sock, on_ready=ready, log_level=args.log_level, drain_timeout=args.drain_timeout)
+        run_server(app, sock, on_ready=ready, log_level=args.log_level, drain_timeout=args.drain_timeout, service=service)
     finally:
         sock.close()
     print("server stopped", file=sys.stderr, flush=True)

@@ -185,11 +185,23 @@ class EngineService:
         self._thread = threading.Thread(target=self._run, name="mlsyskit-engine", daemon=True)
         self._thread.start()
 
+    def drain(self) -> None:
+        """Stop accepting new requests (they get :class:`ServiceUnavailableError`, HTTP 503);
+        in-flight ones go on."""
+        with self._cond:
+            self._accepting = False
+
+    def abort_all(self) -> None:
+        """Abort every in-flight request now (callers get ``finish_reason="abort"``)."""
+        with self._cond:
+            for rid in self._tracks:
+                self._inbox.append(("abort", rid))
+            self._cond.notify_all()
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``drain_timeout`` s, abort the
         rest (their callers get ``finish_reason="abort"``), then stop the engine thread."""
-        with self._cond:
-            self._accepting = False
+        self.drain()
         deadline = time.monotonic() + max(0.0, drain_timeout)
         while time.monotonic() < deadline:
             with self._cond:
