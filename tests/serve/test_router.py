@@ -201,6 +201,22 @@ def test_models_metrics_and_client_errors_pass_through(cluster) -> None:
     assert "mlsyskit_router_backend_outstanding_tokens" in text
 
 
+def test_client_dropping_a_stream_frees_the_replica(cluster) -> None:
+    router, model = cluster["router"], cluster["model"]
+    with httpx.stream("POST", router + "/v1/chat/completions", json=chat(model, "Tell me everything.", max_tokens=220, stream=True), timeout=60) as r:
+        backend = r.headers["x-mlsyskit-backend"]
+        for line in r.iter_lines():
+            if line.startswith("data: {") and "content" in line:
+                held = httpx.get(backend + "/health", timeout=10).json()
+                break  # leaving the block drops our connection mid-stream
+    assert held["kv_blocks_used"] > 0
+    wait_for(lambda: httpx.get(backend + "/health", timeout=10).json()["in_flight"] == 0, 30, "the replica to abort the request")
+    health = httpx.get(backend + "/health", timeout=10).json()
+    assert health["kv_blocks_used"] == 0 and health["requests_aborted"] >= 1, health
+    wait_for(lambda: backend_state(router)[backend]["outstanding_tokens"] == 0, 10, "the router to release the budget")
+    assert backend_state(router)[backend]["in_flight"] == 0
+
+
 def test_killing_a_replica_under_load_loses_no_request(cluster, tiny_llama_dir) -> None:
     router, model, a, b = cluster["router"], cluster["model"], cluster["a"], cluster["b"]
     prompts = [f"Write item number {i} of a shopping list." for i in range(12)]

@@ -60,6 +60,7 @@ class Backend:
     requests: int = 0
     failures: int = 0
     health: dict[str, Any] = field(default_factory=dict)  # the last GET /health body
+    slow_polls: int = 0  # health checks in a row that timed out
     last_change: float = field(default_factory=time.monotonic)
 
     @property
@@ -210,7 +211,10 @@ class Router:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     async def check(self, b: Backend) -> bool:
-        """One health probe; updates b.alive and b.health."""
+        """One health probe; updates b.alive and b.health. A refused connection or an error
+        status takes b out of rotation at once; a slow answer only on the second poll in a row
+        (a replica busy with a big batch may answer late, and is not dead)."""
+        slow = False
         try:
             r = await self._client.get(b.url + "/health", timeout=self.health_timeout, headers=self._auth())
             ok = r.status_code == 200
@@ -218,13 +222,16 @@ class Router:
                 with contextlib.suppress(ValueError):
                     body = r.json()
                     b.health = body if isinstance(body, dict) else {}
-        except Exception:  # noqa: BLE001 - any failure to answer means not healthy
+        except httpx.TimeoutException:
+            ok, slow = False, True
+        except Exception:  # noqa: BLE001 - any other failure to answer means not healthy
             ok = False
+        b.slow_polls = b.slow_polls + 1 if slow else 0
         if ok and not b.alive:
             log.warning("backend %s is healthy again: back in rotation", b.url)
             b.alive, b.last_change = True, time.monotonic()
-        elif not ok and b.alive:
-            self.mark_dead(b, "health check failed")
+        elif not ok and b.alive and (not slow or b.slow_polls >= 2):
+            self.mark_dead(b, "health check timed out twice" if slow else "health check failed")
         return ok
 
     async def check_all(self) -> None:
@@ -258,7 +265,7 @@ class Router:
         fails before answering. The caller must call `release()` of the result once the answer
         is relayed (it returns the request's tokens to the backend's budget)."""
         tried: set[str] = set()
-        last_429: Any = None
+        last_429: Upstream | None = None
         while True:
             try:
                 b = self.pick(tried)
@@ -267,51 +274,44 @@ class Router:
                     return last_429
                 raise
             tried.add(b.url)
-            b.outstanding_tokens += cost
-            b.in_flight += 1
-            b.requests += 1
-            released = False
-
-            def release(b: Backend = b) -> None:
-                nonlocal released
-                if not released:
-                    released = True
-                    b.outstanding_tokens -= cost
-                    b.in_flight -= 1
-
-            try:
-                req = self._client.build_request(method, b.url + path, content=body, headers=headers)
-                resp = await self._client.send(req, stream=True)
-            except httpx.TimeoutException:
-                release()
-                raise
-            except httpx.TransportError as e:  # refused, reset, closed before a response
-                release()
-                self.mark_dead(b, f"{type(e).__name__}: {e}")
+            up = await self._attempt(b, method, path, body, headers, stream, cost)
+            if up is None:  # failed before answering: b is marked dead, try another
                 self.retries += 1
                 continue
+            if up.resp.status_code == 429:  # full: another replica may have room
+                last_429 = up
+                continue
+            return up
+
+    async def _attempt(self, b: Backend, method: str, path: str, body: bytes, headers: dict[str, str], stream: bool, cost: int) -> Upstream | None:
+        """One try on backend b: its answer, or None when it failed before answering."""
+        b.outstanding_tokens += cost
+        b.in_flight += 1
+        b.requests += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                b.outstanding_tokens -= cost
+                b.in_flight -= 1
+
+        resp = None
+        try:
+            req = self._client.build_request(method, b.url + path, content=body, headers=headers)
+            resp = await self._client.send(req, stream=True)
             if resp.status_code >= 500:
-                await resp.aclose()
-                release()
                 self.mark_dead(b, f"HTTP {resp.status_code}")
-                self.retries += 1
-                continue
-            if resp.status_code == 429:
-                await resp.aread()
-                await resp.aclose()
+                await _close(resp)
                 release()
-                last_429 = Upstream(resp, b, lambda: None, b"", None)
-                continue
+                return None
             if not stream or resp.status_code != 200:
-                try:
-                    await resp.aread()  # a replica dying mid-answer shows up here: retry
-                except httpx.TransportError as e:
-                    await resp.aclose()
-                    release()
-                    self.mark_dead(b, f"{type(e).__name__} while reading: {e}")
-                    self.retries += 1
-                    continue
+                await resp.aread()  # a replica dying mid-answer shows up here: retried
                 await resp.aclose()
+                if resp.status_code == 429:
+                    release()
+                    return Upstream(resp, b, lambda: None, b"", None)
                 return Upstream(resp, b, release, b"", None)
             # Streaming: wait for the first bytes before committing to this backend, so a
             # replica that dies before it produced anything is still retried elsewhere.
@@ -320,13 +320,22 @@ class Router:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = b""
-            except httpx.TransportError as e:
-                await resp.aclose()
-                release()
-                self.mark_dead(b, f"{type(e).__name__} before the first byte: {e}")
-                self.retries += 1
-                continue
             return Upstream(resp, b, release, first, chunks)
+        except httpx.TransportError as e:
+            release()
+            if resp is not None:
+                await _close(resp)
+            if isinstance(e, httpx.TimeoutException):
+                raise  # slow, not dead: the client gets a 504
+            # refused, reset, closed before the answer: out of rotation, retried elsewhere
+            self.mark_dead(b, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            return None
+        except BaseException:
+            # our own client went away (cancellation) or a bug: never leak the budget
+            release()
+            if resp is not None:
+                await _close(resp)
+            raise
 
 
 def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]] | None = None) -> Any:
@@ -444,30 +453,50 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             return Response(resp.content, status_code=resp.status_code, headers=relay_headers(resp, b))
 
         async def relay() -> AsyncIterator[bytes]:
-            ok = False
+            if up.first:
+                yield up.first
             try:
-                if up.first:
-                    yield up.first
                 async for chunk in up.chunks:
                     yield chunk
-                ok = True
             except httpx.TransportError as e:
-                # The replica died mid-stream: bytes already reached the client, so the answer
+                # The replica failed mid-stream: bytes already reached the client, so the answer
                 # cannot be replayed elsewhere; end the stream with an error the client can see.
-                router.mark_dead(b, f"{type(e).__name__} mid-stream")
+                if not isinstance(e, httpx.TimeoutException):
+                    router.mark_dead(b, f"{type(e).__name__} mid-stream")
                 err = error_body("the replica serving this stream failed; retry the request", "server_error", "replica_failed")
                 yield f"data: {json.dumps(err)}\n\n".encode()
-            finally:
-                # Closing the upstream response also tells the replica when our client left,
-                # so it aborts the request and frees its KV blocks.
-                await resp.aclose()
-                up.release()
-                if ok:
-                    router.observe_latency(time.perf_counter() - t0)
+                return
+            router.observe_latency(time.perf_counter() - t0)
 
-        return StreamingResponse(relay(), status_code=200, headers=relay_headers(resp, b), media_type=resp.headers.get("content-type", "text/event-stream"))
+        return _RelayResponse(up, relay(), status_code=200, headers=relay_headers(resp, b), media_type=resp.headers.get("content-type", "text/event-stream"))
 
     return app
+
+
+class _RelayResponse(StreamingResponse):
+    """A streamed answer that always closes its upstream response and returns its token budget,
+    however it ends: finished, failed, or our client gone (even before the first byte). Closing
+    the upstream is how the replica learns the client left, so it frees the KV blocks at once."""
+
+    def __init__(self, up: Upstream, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.up = up
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _close(self.up.resp)
+            self.up.release()
+
+
+async def _close(resp: Any) -> None:
+    """Close an upstream response even inside a cancelled task (the close must reach the
+    replica: that is how it learns our client left and frees the request's KV blocks)."""
+    import anyio
+
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await resp.aclose()
 
 
 def _queue(b: Backend) -> int:
