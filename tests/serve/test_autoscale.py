@@ -164,3 +164,21 @@ def test_serve_autoscale_scales_up_then_drains_down(tiny_llama_dir, tmp_path) ->
     for p in ports:
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{p}/health", timeout=2)
+
+
+def test_worker_flags_forward_the_model_flags_only() -> None:
+    from mlsyskit.cli import build_parser
+    from mlsyskit.serve.replicas import worker_flags
+
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--batching", "window", "--max-batch-size", "4", "--no-rag",
+                                      "--api-key", "secret", "--threads", "2", "--port", "9", "--max-model-len", "512"])
+    flags = worker_flags(args)
+    assert len(flags) == 7 and "--no-rag" in flags
+    for opt, val in (("--max-model-len", "512"), ("--batching", "window"), ("--max-batch-size", "4")):
+        assert flags[flags.index(opt) + 1] == val
+    assert "secret" not in flags and "--replicas" not in flags and "--port" not in flags and "--threads" not in flags
+    # a worker given these flags parses them back to the same settings
+    again = build_parser().parse_args(["serve", *flags])
+    for key, value in vars(args).items():
+        if key not in ("replicas", "api_key", "threads", "port", "func"):
+            assert getattr(again, key) == value, key

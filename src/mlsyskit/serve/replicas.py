@@ -45,7 +45,8 @@ log = logging.getLogger("mlsyskit.replicas")
 READY_TIMEOUT_S = 300.0  # a replica that is not healthy by then is stopped and reported
 STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 # serve flags that belong to this process, not to the workers
-_OWN = {"host", "port", "replicas", "autoscale", "threads", "func", "command", "help"}
+# (the API key goes to the workers through the environment: a command line is visible in `ps`)
+_OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help"}
 
 
 def free_port() -> int:
@@ -173,6 +174,9 @@ class ReplicaManager:
         self._next += 1
         port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        env.pop("MLSYSKIT_API_KEY", None)
+        if self.router.api_key:
+            env["MLSYSKIT_API_KEY"] = self.router.api_key
         cmd = self.command(port)
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
         w = Worker(self._next, port, proc)
