@@ -62,8 +62,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib = ctypes.CDLL(str(out))
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gemv_q8.argtypes = [p, p, p, p, i, i, i, i, i]
-    lib.gemv_q4.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
-    lib.gemv_q8.restype = lib.gemv_q4.restype = None
+    lib.gemv_q4.argtypes = lib.gemv_q8z.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+    lib.gemv_q8.restype = lib.gemv_q4.restype = lib.gemv_q8z.restype = None
     return lib, f"compiled {out}"
 
 
@@ -87,13 +87,19 @@ def supports(in_features: int, group_size: int) -> bool:
     )
 
 
-def q8_gemv(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
-    """``x`` (B, K) float32, ``codes`` (N, K) int8, ``scale`` (N, G) float32 → (B, N)."""
+def q8_gemv(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None = None) -> Tensor:
+    """``x`` (B, K) float32, ``codes`` (N, K) int8, ``scale`` (N, G) float32 → (B, N) with weights
+    ``scale * (code - zero)`` (``zero`` (N, G) float32, or None for symmetric codes)."""
     lib = _library()[0]
     B, K = x.shape
     N, G = scale.shape
     y = torch.empty(B, N, dtype=torch.float32)
     x = x.contiguous()
+    if zero is not None:
+        xsum = torch.empty(B, G, dtype=torch.float32)
+        lib.gemv_q8z(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), xsum.data_ptr(),
+                     y.data_ptr(), B, N, K, K // G, torch.get_num_threads())
+        return y
     lib.gemv_q8(
         x.data_ptr(),
         codes.data_ptr(),

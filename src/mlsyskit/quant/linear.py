@@ -94,11 +94,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.kind == "q8" and x2.shape[0] <= kernels.MAX_ROWS:
-            y = kernels.q8_gemv(x2, self.codes, self.scale)
-            if self.zero is not None:  # W = s (q - z): take s z times each group's sum of x
-                g = self.scale.shape[1]
-                sums = x2.view(x2.shape[0], g, self.in_features // g).sum(-1)
-                y = y - sums @ (self.scale * self.zero).t()
+            y = kernels.q8_gemv(x2, self.codes, self.scale, self.zero)
         elif self.kind == "q4" and x2.shape[0] <= kernels.MAX_ROWS:
             y = kernels.q4_gemv(x2, self.codes, self.scale, self.zero)
         else:

@@ -114,6 +114,16 @@ void gemv_q8(const float *x, const int8_t *w, const float *scale, float *y,
         row(x, w + (long)n * K, scale + (long)n * G, 0, 0, y + n, B, N, K, gs, 0);
 }
 
+/* int8 with a zero point per group (asymmetric codes stored as q - 128, zero - 128). */
+void gemv_q8z(const float *x, const int8_t *w, const float *scale, const float *zero,
+              float *xsum, float *y, int B, int N, int K, int gs, int threads) {
+    const int G = K / gs;
+    group_sums(x, xsum, B, K, gs);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++)
+        row(x, w + (long)n * K, scale + (long)n * G, zero + (long)n * G, xsum, y + n, B, N, K, gs, 0);
+}
+
 void gemv_q4(const float *x, const uint8_t *w, const float *scale, const float *zero,
              float *xsum, float *y, int B, int N, int K, int gs, int threads) {
     const int G = K / gs;
