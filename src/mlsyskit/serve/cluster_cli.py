@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens", type=int, default=32, metavar="N", help="max_tokens of each request (default: 32)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the answers (needed for TTFT) (default: --stream)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature of each request (default: 0, greedy)")
-    g.add_argument("--model", default=None, help="model name to put in requests (default: none, the server's)")
+    g.add_argument("--model", default=None, help="model name to put in requests (default: the first model the server lists at /v1/models)")
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and prompt choice (default: 0)")
     g.add_argument("--max-in-flight", type=int, default=256, metavar="N", help="most open requests; arrivals beyond it are counted as skipped, never delayed (default: 256)")
     g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout (default: 60)")
