@@ -290,6 +290,12 @@ class EngineService:
         Raises :class:`RequestError` (bad request), :class:`QueueFullError` (backpressure) or
         :class:`ServiceUnavailableError` (stopped) before anything is queued."""
         loop = asyncio.get_running_loop()
+        if len(prompts) > max(1, self.max_queue):
+            raise RequestError(
+                f"this call makes {len(prompts)} requests (prompts x n) but the server queues at most "
+                f"{max(1, self.max_queue)}; lower n or send fewer prompts",
+                "n",
+            )
         tracks = []
         for prompt, p in zip(prompts, params, strict=True):
             ids = self.encode_prompt(prompt)
