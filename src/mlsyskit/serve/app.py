@@ -173,6 +173,17 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+async def _ended_cleanly(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE body whose failure mid-stream (the status is already sent) still ends the stream
+    with an OpenAI error event and ``[DONE]`` instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+
+
 async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several request streams as ``(index, output)``; closing it aborts them all."""
     if len(streams) == 1:
@@ -405,7 +416,7 @@ def create_app(
                 yield chunk([], usage(prompt_tokens, list(finished.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_ended_cleanly(events()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
@@ -458,7 +469,7 @@ def create_app(
                 yield chunk([], usage(len(ids), list(finished.values())))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_ended_cleanly(events()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     if rag_router is not None:
         app.include_router(rag_router)
