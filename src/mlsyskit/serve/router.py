@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,9 +102,13 @@ def estimate_tokens(body: Any) -> int:
     elif isinstance(prompt, list):
         # a list of strings, or token ids (one token each: count 4 "characters")
         chars += sum(len(p) if isinstance(p, str) else 4 for p in prompt)
-    for m in body.get("messages") or []:
-        if isinstance(m, dict) and isinstance(m.get("content"), str):
-            chars += len(m["content"])
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):  # OpenAI content parts
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     if isinstance(body.get("query"), str):
         chars += len(body["query"]) + 2000  # RAG prompts carry the retrieved documents
     mt = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -160,7 +164,7 @@ class Router:
     def live(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.routable]
 
-    def pick(self, exclude: set[str] = frozenset()) -> Backend:  # type: ignore[assignment]
+    def pick(self, exclude: Collection[str] = ()) -> Backend:
         """The routable backend with the least outstanding tokens (ties: fewest in flight,
         then rotate)."""
         cands = [b for b in self.backends.values() if b.routable and b.url not in exclude]
