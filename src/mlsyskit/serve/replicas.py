@@ -1,6 +1,6 @@
 """`mlsyskit serve --replicas N` / `--autoscale MIN..MAX`: engine worker processes behind the router.
 
-Each replica is a separate `python -m mlsyskit serve` process on a free loopback port (its own
+Each replica is a separate `python -m mlsyskit serve` process on a loopback port it picks (its own
 engine, KV cache and GIL), started with the same model flags; the CPU threads are split between
 replicas (`--threads` total, default one per core, divided by the largest replica count so
 replicas never oversubscribe the cores). This process runs the router on `--host:--port`.
@@ -27,8 +27,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,13 +47,6 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 # serve flags that belong to this process, not to the workers
 # (the API key goes to the workers through the environment: a command line is visible in `ps`)
 _OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help"}
-
-
-def free_port() -> int:
-    """A port the OS reports free on 127.0.0.1 (bound, read, released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_parser() -> argparse.ArgumentParser | None:
@@ -104,14 +97,20 @@ def _set_pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _relay(proc: subprocess.Popen, prefix: str) -> None:
-    """Copy a worker's output to ours, each line prefixed with its replica. Its own
-    "serving ... on URL" line is dropped: this process prints the cluster's ready line, and only
-    that one may look like a server's ready line."""
-    assert proc.stdout is not None
-    for raw in proc.stdout:
+_READY = re.compile(r"^serving \S+ on http://127\.0\.0\.1:(\d+) ")
+
+
+def _relay(w: Worker) -> None:
+    """Copy a worker's output to ours, each line prefixed with its replica. Its own ready line
+    ("serving ... on URL") gives the port it bound (it was started with --port 0, so no port is
+    ever raced for) and is not repeated: only this process prints a ready line."""
+    assert w.proc.stdout is not None
+    prefix = f"replica {w.index} | "
+    for raw in w.proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
-        if line.startswith("serving "):
+        m = _READY.match(line)
+        if m and w.port is None:
+            w.port = int(m.group(1))
             continue
         with contextlib.suppress(Exception):
             print(prefix + line, file=sys.stderr, flush=True)
@@ -122,15 +121,15 @@ class Worker:
     """One replica process."""
 
     index: int
-    port: int
     proc: subprocess.Popen
+    port: int | None = None  # read from its ready line
     started: float = field(default_factory=time.monotonic)
     ready_s: float | None = None  # cold start: process start -> healthy
     stopping: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}" if self.port is not None else "(port not known yet)"
 
 
 class ReplicaManager:
@@ -161,8 +160,8 @@ class ReplicaManager:
         self._task: asyncio.Task | None = None
         self._closing = False
 
-    def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "mlsyskit", "serve", *self.flags, "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.threads), "--replicas", "1"]
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlsyskit", "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads), "--replicas", "1"]
 
     def ready(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.ready_s is not None and not w.stopping]
@@ -172,15 +171,13 @@ class ReplicaManager:
         import httpx
 
         self._next += 1
-        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         env.pop("MLSYSKIT_API_KEY", None)
         if self.router.api_key:
             env["MLSYSKIT_API_KEY"] = self.router.api_key
-        cmd = self.command(port)
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
-        w = Worker(self._next, port, proc)
-        threading.Thread(target=_relay, args=(proc, f"replica {w.index} | "), daemon=True).start()
+        proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
+        w = Worker(self._next, proc)
+        threading.Thread(target=_relay, args=(w,), daemon=True).start()
         self.workers[w.index] = w
         deadline = w.started + self.ready_timeout
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
@@ -196,7 +193,7 @@ class ReplicaManager:
                     await self._terminate(w)
                     break
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(w.url + "/health", headers=self.router._auth())).status_code == 200:
+                    if w.port is not None and (await client.get(w.url + "/health", headers=self.router._auth())).status_code == 200:
                         w.ready_s = time.monotonic() - w.started
                         self.cold_starts.append(w.ready_s)
                         self.router.add_backend(w.url)
