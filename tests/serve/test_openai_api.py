@@ -23,9 +23,16 @@ def tokenizer(smollm2_checkpoint):
 
 
 def test_models_list(client, server):
+    # --no-rag (this module's server): /v1/embeddings is not served, so only the chat model is listed
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model]
-    assert client.models.retrieve(server.model).id == server.model
+    card = models.data[0]
+    assert (card.object, card.owned_by, card.type, card.capabilities) == ("model", "mlsyskit", "chat", ["chat", "completion"])
+    assert client.models.retrieve(server.model).model_dump() == card.model_dump()
+    for missing in ("all-MiniLM-L6-v2", "gpt-4"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.models.retrieve(missing)
+        assert e.value.body["code"] == "model_not_found" and server.model in e.value.body["message"]
 
 
 def test_chat_completion_usage(client, server, tokenizer):

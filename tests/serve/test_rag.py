@@ -221,3 +221,40 @@ def test_bad_docs_path_is_a_one_line_user_error_before_serving(tmp_path: Path) -
     with pytest.raises(UserError) as e:
         build_rag_router(None, str(tmp_path / "nope"))
     assert "no such file or directory" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_models_lists_the_chat_and_the_embedding_model_and_the_client_calls_both(server) -> None:
+    """GET /v1/models lists every model the server answers for, each with its purpose (`type`):
+    the official client discovers both there and calls each with the id it found."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    models = client.models.list().data
+    by_type = {m.type: m for m in models}
+    assert len(models) == 2 and set(by_type) == {"chat", "embedding"}
+    chat, emb = by_type["chat"], by_type["embedding"]
+    assert models[0] is chat  # the chat model first: clients that take data[0] still chat with it
+    assert (chat.id, emb.id) == (server.model, "all-MiniLM-L6-v2")
+    assert all(m.object == "model" and m.owned_by == "mlsyskit" and m.created > 0 for m in models)
+    assert chat.capabilities == ["chat", "completion", "rag"] and chat.max_model_len == 512
+    assert emb.capabilities == ["embedding"] and emb.dimensions == 384 and emb.max_model_len == 256
+    for m in models:  # GET /v1/models/{id} answers for each listed id, with the same card
+        assert client.models.retrieve(m.id).model_dump() == m.model_dump()
+    assert client.models.retrieve("sentence-transformers/all-MiniLM-L6-v2").id == emb.id  # an alias
+
+    r = client.chat.completions.create(model=chat.id, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+    assert r.model == chat.id and r.choices[0].message.content and 1 <= r.usage.completion_tokens <= 3
+    e = client.embeddings.create(model=emb.id, input=["red granite lighthouse", "plum cake"])
+    assert e.model == emb.id
+    vectors = np.array([d.embedding for d in e.data], np.float32)
+    assert vectors.shape == (2, emb.dimensions)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # Each id on the other kind of route: a 404 that says which model to use there.
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model=emb.id, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert "embedding model" in str(err.value) and chat.id in str(err.value)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model=chat.id, input="hi")
+    assert "chat model" in str(err.value) and emb.id in str(err.value)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4")
+    assert chat.id in str(err.value) and emb.id in str(err.value)

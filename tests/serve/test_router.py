@@ -189,6 +189,11 @@ def test_models_metrics_and_client_errors_pass_through(cluster) -> None:
     router, model = cluster["router"], cluster["model"]
     models = httpx.get(router + "/v1/models", timeout=10)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == model
+    # the replicas serve RAG too: both models, each retrievable by id through the router
+    assert [m["type"] for m in models.json()["data"]] == ["chat", "embedding"]
+    for m in models.json()["data"]:  # ("created" is each replica's start: either may answer)
+        card = httpx.get(f"{router}/v1/models/{m['id']}", timeout=10).json()
+        assert {**card, "created": 0} == {**m, "created": 0}
     # a client error is the backend's answer: passed through, not retried, nobody marked dead
     bad = httpx.post(router + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=10)
     assert bad.status_code == 400 and "message" in bad.json()["error"]

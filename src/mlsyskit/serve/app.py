@@ -1,9 +1,12 @@
 """The FastAPI app: OpenAI-compatible routes over an :class:`EngineService`.
 
 ``create_app(service)`` gives an ASGI app whose lifespan starts and stops the service. Routes:
-``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending with
-``data: [DONE]``), plus the RAG router when given. Every error is a JSON body in OpenAI's shape.
+``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models`` (every model the server
+answers for: the chat model first, then the embedding model when the RAG router serves
+/v1/embeddings; each with ``type`` and ``capabilities``), ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` sends server-sent
+events ending with ``data: [DONE]``), plus the RAG router when given. Every error is a JSON body
+in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from mlsyskit.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
     finish_reason,
+    model_not_found,
     new_id,
     now,
     openai_error,
@@ -288,15 +293,29 @@ def create_app(
             return openai_error(503, str(exc), "server_error", code="unavailable", headers={"Retry-After": "1"})
         raise exc
 
+    # -- the models this server answers for (GET /v1/models) ---------------------------------
+    rag_paths = {getattr(r, "path", None) for r in rag_router.routes} if rag_router is not None else set()
+    created = now()  # the models' "created": when this server was set up
+    chat_card: dict[str, Any] = {
+        "id": service.model_name, "object": "model", "created": created, "owned_by": "mlsyskit",
+        "type": "chat", "capabilities": ["chat", "completion"] + ["rag"] * ("/v1/rag" in rag_paths),
+        "max_model_len": service.max_model_len,
+    }
+    cards = [chat_card]  # the chat model first: clients that take data[0] get the one that chats
+    embedder: Any = None  # the mlsyskit.serve.rag module when the RAG router serves /v1/embeddings
+    if "/v1/embeddings" in rag_paths:
+        from mlsyskit.serve import rag as embedder
+
+        cards.append(embedder.embedding_model_card(created))
+
+    def is_embedding_model(model: str) -> bool:
+        """Whether ``model`` names the embedding model this server serves (or one of its aliases)."""
+        return embedder is not None and embedder.is_embedding_model(model)
+
     def check_model(model: str) -> JSONResponse | None:
-        if model != service.model_name:
-            return openai_error(
-                404,
-                f"the model '{model}' does not exist; this server serves '{service.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
-        return None
+        if is_embedding_model(model):
+            return embedder.not_a_chat_model(model, service.model_name)
+        return model_not_found(model, service.model_name)
 
     def sampling(req: Any, max_tokens: int | None, prompt_len: int, i: int, default: int | None) -> SamplingParams:
         from mlsyskit.engine import SamplingParams
@@ -326,11 +345,15 @@ def create_app(
                 params.append(sampling(req, max_tokens, len(ids), i, default))
         return service.submit_many(all_prompts, params)
 
-    async def finals(streams: list[Any]) -> list[RequestOutput]:
+    async def finals(streams: list[Any]) -> list[RequestOutput] | None:
+        """The final output of every stream, recorded in the metrics; None if one was aborted."""
         last: dict[int, RequestOutput] = {}
         async for i, out in _merge(streams):
             last[i] = out
-        return [last[i] for i in range(len(streams))]
+        outs = [last[i] for i in range(len(streams))]
+        for o in outs:
+            metrics.observe_output(o)
+        return None if any(o.finish_reason == "abort" for o in outs) else outs
 
     def usage(prompt_tokens: int, outs: list[RequestOutput]) -> dict[str, int]:
         completion = sum(len(o.token_ids) for o in outs)
@@ -352,17 +375,18 @@ def create_app(
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
-        card = {"id": service.model_name, "object": "model", "created": now(), "owned_by": "mlsyskit", "max_model_len": service.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
-    async def model(model_id: str) -> JSONResponse:
-        bad = check_model(model_id)
-        if bad is not None:
-            return bad
-        return JSONResponse({"id": service.model_name, "object": "model", "created": now(), "owned_by": "mlsyskit"})
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, response_model_exclude_none=True, responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> Any:
+        if model_id == service.model_name:
+            return chat_card
+        if is_embedding_model(model_id):  # also its aliases, as /v1/embeddings accepts them
+            return cards[1]
+        listed = ", ".join(f"'{c['id']}'" for c in cards)
+        return openai_error(404, f"the model '{model_id}' does not exist; this server serves {listed}", param="model", code="model_not_found")
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest) -> Any:
@@ -380,9 +404,7 @@ def create_app(
         echo = [service.tokenizer.decode(p) if req.echo else "" for p in prompts]
         if not req.stream:
             outs = await finals(streams)
-            for o in outs:
-                metrics.observe_output(o)
-            if any(o.finish_reason == "abort" for o in outs):
+            if outs is None:
                 return aborted()
             choices = [
                 {"index": i, "text": echo[i // n] + o.text, "logprobs": None, "finish_reason": finish_reason(o.finish_reason)}
@@ -433,9 +455,7 @@ def create_app(
         rid, created, name = new_id("chatcmpl"), now(), service.model_name
         if not req.stream:
             outs = await finals(streams)
-            for o in outs:
-                metrics.observe_output(o)
-            if any(o.finish_reason == "abort" for o in outs):
+            if outs is None:
                 return aborted()
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None, "finish_reason": finish_reason(o.finish_reason)}

@@ -32,6 +32,19 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def model_not_found(model: str | None, served: str) -> JSONResponse | None:
+    """404 ``model_not_found`` when a request names a model other than the one served (None:
+    the request named none), else None."""
+    if model is None or model == served:
+        return None
+    return openai_error(
+        404,
+        f"the model '{model}' does not exist; this server serves '{served}'",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -195,11 +208,24 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One entry of GET /v1/models: OpenAI's fields plus what the model is for.
+
+    ``type``: "chat" (a generative model: /v1/chat/completions, /v1/completions, /v1/rag) or
+    "embedding" (/v1/embeddings). ``capabilities``: what it answers, by name: "chat",
+    "completion", "rag" (chat models) or "embedding".
+    """
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mlsyskit"
-    max_model_len: int | None = None
+    type: Literal["chat", "embedding"] = Field(description='"chat" (generates text) or "embedding" (/v1/embeddings)')
+    capabilities: list[Literal["chat", "completion", "rag", "embedding"]] = Field(
+        description="what the model answers: chat (/v1/chat/completions), completion (/v1/completions), "
+        "rag (/v1/rag), embedding (/v1/embeddings)"
+    )
+    max_model_len: int | None = Field(None, description="tokens the model reads at most (its context)")
+    dimensions: int | None = Field(None, description="embedding length (embedding models)")
 
 
 class ModelList(BaseModel):

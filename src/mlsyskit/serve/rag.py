@@ -14,7 +14,8 @@
 * ``POST /v1/embeddings``: OpenAI's embeddings API with all-MiniLM-L6-v2 (384 dimensions, unit
   length; inputs longer than its 256-token window are truncated, as sentence-transformers does),
   ``encoding_format`` "float" or "base64" (little-endian float32, the ``openai`` client's
-  default).
+  default). The app lists this model in ``GET /v1/models`` (``type: "embedding"``) when these
+  routes are served.
 
 Embedding and retrieval run in worker threads (``asyncio.to_thread``) so the event loop keeps
 serving other requests. With ``docs=None`` the default corpus (Python's documentation topics,
@@ -49,7 +50,7 @@ from mlsyskit.serve.documents import (
     embed,
     fit_context,
 )
-from mlsyskit.serve.protocol import ERROR_RESPONSES, openai_error
+from mlsyskit.serve.protocol import ERROR_RESPONSES, model_not_found, openai_error
 from mlsyskit.serve.service import QueueFullError, RequestError, ServiceUnavailableError
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -113,6 +114,28 @@ class EmbeddingRequest(BaseModel):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def is_embedding_model(model: str | None) -> bool:
+    """Whether ``model`` names the embedding model (any of the ids /v1/embeddings accepts)."""
+    return model is not None and model.lower() in EMBEDDING_MODEL_ALIASES
+
+
+def embedding_model_card(created: int) -> dict[str, Any]:
+    """The embedding model's entry in GET /v1/models (see :class:`~mlsyskit.serve.protocol.ModelCard`)."""
+    from mlsyskit.vector.embed import MAX_TOKENS
+
+    return {
+        "id": EMBEDDING_MODEL, "object": "model", "created": created, "owned_by": "mlsyskit",
+        "type": "embedding", "capabilities": ["embedding"], "max_model_len": MAX_TOKENS, "dimensions": EMBED_DIM,
+    }
+
+
+def not_a_chat_model(model: str, served: str) -> JSONResponse:
+    """404 for the embedding model named on a route that generates text (as OpenAI answers)."""
+    return openai_error(
+        404, f"'{model}' is an embedding model: use it with POST /v1/embeddings; this route needs "
+        f"the chat model '{served}'", param="model", code="model_not_found")
+
+
 def _error_for(exc: Exception, param: str | None = None) -> JSONResponse:
     """The HTTP answer for an exception from the service or the store."""
     if isinstance(exc, QueueFullError):
@@ -174,14 +197,9 @@ def build_rag_router(service: Any, docs: str | None, *, store: DocumentStore | N
         return holder["store"]
 
     def check_model(model: str | None) -> JSONResponse | None:
-        if model is not None and model != service.model_name:
-            return openai_error(
-                404,
-                f"the model '{model}' does not exist; this server serves '{service.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
-        return None
+        if is_embedding_model(model):
+            return not_a_chat_model(str(model), service.model_name)
+        return model_not_found(model, service.model_name)
 
     def count_tokens(messages: list[dict]) -> int:
         try:
@@ -331,10 +349,10 @@ def build_rag_router(service: Any, docs: str | None, *, store: DocumentStore | N
 
     @router.post("/v1/embeddings", responses=ERROR_RESPONSES, summary="MiniLM sentence embeddings (OpenAI's shape)")
     async def embeddings(req: EmbeddingRequest) -> Any:
-        if req.model.lower() not in EMBEDDING_MODEL_ALIASES:
+        if not is_embedding_model(req.model):
+            what = f"'{req.model}' is a chat model" if req.model == service.model_name else f"the embedding model '{req.model}' does not exist"
             return openai_error(
-                404, f"the embedding model '{req.model}' does not exist; this server embeds with '{EMBEDDING_MODEL}'",
-                param="model", code="model_not_found")
+                404, f"{what}; this server embeds with '{EMBEDDING_MODEL}'", param="model", code="model_not_found")
         if req.dimensions is not None and req.dimensions != EMBED_DIM:
             return openai_error(400, f"{EMBEDDING_MODEL} embeddings have {EMBED_DIM} dimensions; 'dimensions' cannot be {req.dimensions}", param="dimensions")
         inputs = req.input
