@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-from mlsyskit.fl import FLConfig, run
+if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, however started
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+import common  # noqa: E402
+from mlsyskit.fl import FLConfig, run  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1, help="client learning rate, the same for every configuration (default: 0.1)")
     p.add_argument("--clients", type=int, default=100, help="clients (default: 100)")
     p.add_argument("--fraction", type=float, default=0.1, help="client fraction C (default: 0.1)")
-    p.add_argument("--data-dir", default=os.environ.get("MLSYSKIT_DATA_DIR") or str(REPO.parent / "shared" / "data"), help="data folder with the MNIST test set (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
-    p.add_argument("--out", default=str(HERE / "results" / "fedavg_rounds.json"), help="JSON output (default: benchmarks/results/fedavg_rounds.json; the PNG goes beside it)")
+    p.add_argument("--data-dir", default=common.default_data_dir(), help="data folder with the MNIST test set (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
+    p.add_argument("--out", default=str(common.RESULTS / "fedavg_rounds.json"), help="JSON output (default: benchmarks/results/fedavg_rounds.json; the PNG goes beside it)")
     p.add_argument("--quick", action="store_true", help="smoke run: E in {1,5}, B in {full,10}, IID only, target 0.85, max 100 rounds")
     return p.parse_args()
 
@@ -61,13 +61,12 @@ def main() -> None:
                     rounds=args.max_rounds, target_accuracy=args.target, seed=0,
                     out=f"{tmp}/{part}-{e}-{b}", checkpoint_every=10**6,
                 )
-                t0 = time.perf_counter()
-                s = run(cfg, progress=False)
+                s, secs = common.timed(run, cfg, progress=False)
                 curve = [json.loads(line)["test_accuracy"] for line in open(Path(cfg.out) / "metrics.jsonl")]
                 rows.append({
                     "algorithm": name, "partition": part, "E": e, "B": "full" if b is None else b,
                     "rounds_to_target": s["rounds_to_target"], "best_accuracy": s["best_accuracy"],
-                    "seconds": round(time.perf_counter() - t0, 2), "curve": curve,
+                    "seconds": round(secs, 2), "curve": curve,
                 })
                 print(f"{part:7s} {name:6s} E={e:<3d} B={'full' if b is None else b:<5} "
                       f"rounds to {args.target}: {s['rounds_to_target'] or '>' + str(args.max_rounds):>5}  "
@@ -88,9 +87,7 @@ def main() -> None:
         "max_rounds": args.max_rounds, "lr": args.lr, "clients": args.clients, "fraction": args.fraction,
         "test_source": s["test_source"], "rows": rows, "paper_ordering": ordering,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = common.write_json(args.out, result)
     plot(rows, args.target, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     if ordering:
@@ -98,11 +95,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     parts = sorted({r["partition"] for r in rows})
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
     for ax, part in zip(axes[0], parts, strict=True):
@@ -116,8 +109,7 @@ def plot(rows: list[dict], target: float, path: Path) -> None:
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0.5, 1.0)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -63,15 +63,17 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from mlsyskit.engine import LLM, SamplingParams  # noqa: E402
-from mlsyskit.engine.checkpoint import load_checkpoint  # noqa: E402
+if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, however started
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import log  # noqa: E402
+from mlsyskit.engine import LLM, SamplingParams, load_checkpoint  # noqa: E402
 from mlsyskit.models.transformer import build_transformer  # noqa: E402
 from mlsyskit.quant.linear import int8_weight_only, model_bytes, parse_quantization, quantize_  # noqa: E402
 from mlsyskit.quant.model_io import quantize_checkpoint, quantized_tensor_of  # noqa: E402
 from mlsyskit.quant.perplexity import bits_per_weight, linear_weight_bits, perplexity  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 GOALS = {
     "int8_ppl_increase_max": 0.005,
     "int4_awq_ppl_increase_max": 0.05,
@@ -96,7 +98,7 @@ INT8_HEAD = {f"{n}, int8 head": n for n in ROWS if n.startswith("int4") or n.sta
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint to quantize (default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--data-dir", default=os.environ.get("MLSYSKIT_DATA_DIR") or str(REPO.parent / "shared" / "data"), help="folder with shakespeare/input.txt and mnist/ (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", default=common.default_data_dir(), help="folder with shakespeare/input.txt and mnist/ (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
     p.add_argument("--heldout", type=float, default=0.1, help="held-out fraction at the end of Tiny Shakespeare (default: 0.1)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored (default: 16384)")
     p.add_argument("--window", type=int, default=512, help="perplexity window, non-overlapping (default: 512)")
@@ -108,15 +110,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--cnn-run", default=None, help="a `mlsyskit fedavg` CNN run directory (default: train one here)")
     p.add_argument("--cnn-rounds", type=int, default=10, help="FedAvg rounds when training the CNN here (default: 10)")
-    p.add_argument("--out", default=str(HERE / "results" / "quant_report.json"), help="JSON output; the PNG goes beside it (default: benchmarks/results/quant_report.json)")
+    p.add_argument("--out", default=str(common.RESULTS / "quant_report.json"), help="JSON output; the PNG goes beside it (default: benchmarks/results/quant_report.json)")
     p.add_argument("--no-head-rows", action="store_true", help="skip the extra rows with an int8 output projection (default: off)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of the rows (default: all: {', '.join(ROWS)}); goals need all")
     p.add_argument("--quick", action="store_true", help="smoke run: 1024 eval tokens, 4 calibration windows, 16 decode tokens, 1 round, 2 CNN rounds")
     return p.parse_args()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def main() -> None:
@@ -125,7 +123,7 @@ def main() -> None:
         args.eval_tokens, args.calib_windows, args.decode_tokens, args.decode_reps, args.cnn_rounds = 1024, 4, 16, 1, 2
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)  # the machine is shared: record how busy it was
+    load_start = common.loadavg()  # the machine is shared: record how busy it was
     data_dir = Path(args.data_dir)
     text = (data_dir / "shakespeare" / "input.txt").read_text()
     split = int(len(text) * (1 - args.heldout))
@@ -208,7 +206,7 @@ def main() -> None:
         "linear_weights": n_linear,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, torch {torch.__version__}",
         "threads": args.threads,
-        "load_average_1min": {"start": load_start, "decode": decode["load_average_1min"], "end": round(os.getloadavg()[0], 2)},
+        "load_average_1min": {"start": load_start, "decode": decode["load_average_1min"], "end": common.loadavg()},
         "heldout": heldout,
         "calibration": {"text": args.calib, "windows": args.calib_windows, "window": args.calib_window_len,
                         "source": "Tiny Shakespeare before the held-out slice" if args.calib == "shakespeare" else "pydoc_data.topics"},
@@ -220,9 +218,7 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = common.write_json(args.out, result)
     plot(rows, reference, out.with_suffix(".png"))
     print_table(result)
     log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']} s")
@@ -266,15 +262,13 @@ def measure_decode(engines: dict[str, Any], ckpt: Any, ids: torch.Tensor, args: 
         llms[name] = make()
         llms[name].generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
     names = list(llms)
-    load = round(os.getloadavg()[0], 2)
+    load = common.loadavg()
     log(f"decode: {len(names)} engines, 1-min load average {load}")
     rounds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.decode_reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
+        for name in common.rotated(names, r):
             out = llms[name].generate(prompt, params)[0]
-            rate = (len(out.token_ids) - 1) / (out.finish_time - out.first_token_time)
-            rounds[name].append(round(rate, 2))
+            rounds[name].append(common.decode_tok_s(len(out.token_ids), out.first_token_time, out.finish_time))
         log("decode round " + ", ".join(f"{n} {rounds[n][-1]:.1f}" for n in names))
     return {"rounds": rounds, "best": {n: max(v) for n, v in rounds.items()}, "load_average_1min": load}
 
@@ -349,11 +343,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], reference: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         color = "tab:red" if r["method"] == "awq" else "tab:blue" if r["method"] == "rtn" else "black"
@@ -374,8 +364,7 @@ def plot(rows: list[dict[str, Any]], reference: list[dict[str, Any]], path: Path
     bx.invert_yaxis()
     bx.set_xlabel("decode tokens/s, batch 1 (best of rounds)")
     bx.set_title("engine decode speed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,8 @@ Run:  .venv/bin/python benchmarks/serve_rates.py [--quick]
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import os
-import platform
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,10 +39,13 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_OUT = RESULTS / "serve_rates.json"
-QUICK_OUT = RESULTS / "serve_rates_quick.json"
+if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, however started
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+DEFAULT_OUT = common.RESULTS / "serve_rates.json"
+QUICK_OUT = common.RESULTS / "serve_rates_quick.json"
 
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("per-request baseline (--batching none)", ["--batching", "none", "--threads", "2"]),
@@ -74,8 +72,8 @@ def load_prompts(data_dir: str | None, n: int, seed: int) -> tuple[list[str], st
         from mlsyskit.data.shakespeare import locate_shakespeare
 
         folder = resolve_data_dir(data_dir)
-        if folder is None and (REPO.parent / "shared" / "data").is_dir():
-            folder = REPO.parent / "shared" / "data"
+        if folder is None and common.SHARED_DATA.is_dir():
+            folder = common.SHARED_DATA
         path = locate_shakespeare(folder, download_missing=False)
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     except (UserError, OSError, UnicodeDecodeError) as e:
@@ -87,16 +85,6 @@ def load_prompts(data_dir: str | None, n: int, seed: int) -> tuple[list[str], st
     return prompts, f"Tiny Shakespeare lines from {path}"
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for pkg in ("torch", "fastapi", "uvicorn", "httpx", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 class Server:
     """`python -m mlsyskit serve ...` in a subprocess; ready once it printed its ready line."""
 
@@ -104,14 +92,11 @@ class Server:
         self.log = log
         cmd = [sys.executable, "-m", "mlsyskit", "serve", "--port", "0", "--log-level", "warning", *flags]
         self.t0 = time.perf_counter()
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while not (m := READY.search(log.read_text(errors="replace"))):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
+        self.proc = common.spawn_logged(cmd, log, env)
+        m = common.wait_for_output(self.proc, log, READY, timeout)
+        if m is None:
+            self.stop()
+            raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')[-3000:]}")
         self.ready_s = time.perf_counter() - self.t0
         self.model, self.url = m.group(1), m.group(2)
 
@@ -131,14 +116,7 @@ class Server:
         return False
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return common.stop_process(self.proc, grace=90)
 
 
 def warm_up(url: str, model: str, prompts: list[str], max_tokens: int) -> None:
@@ -162,13 +140,13 @@ def run_config(name: str, args: argparse.Namespace, prompts: list[str], env: dic
         rate, step = args.start_rate, 0
         while step < args.max_steps and rate <= args.max_rate * (1 + 1e-9):
             server.wait_idle()
-            load_before = os.getloadavg()[0]
+            load_before = common.loadavg()
             r = run_load(
                 server.url, rate, args.step_seconds, arrival="poisson", prompts=prompts, endpoint="chat",
                 max_tokens=args.max_tokens, stream=True, seed=args.seed + step, timeout=args.timeout,
                 model=server.model, max_in_flight=args.max_in_flight,
             )
-            r["load_average_before"] = round(load_before, 2)
+            r["load_average_before"] = load_before
             r["meets_bound"] = bool(r["ok"] > 0 and r["latency_p99_s"] is not None and r["latency_p99_s"] <= args.bound and r["error_rate"] <= args.max_error_rate)
             out["steps"].append(r)
             print(f"[serve_rates] {name}: rate {rate:.3g} req/s -> {r['ok']}/{r['sent']} ok, "
@@ -192,11 +170,7 @@ def run_config(name: str, args: argparse.Namespace, prompts: list[str], env: dic
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, res in report["configs"].items():
         steps = [s for s in res.get("steps", []) if s["latency_p99_s"] is not None]
@@ -218,9 +192,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  f"sustainable rate {ratio} (goal >= {g['target']:g}x)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,17 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with shakespeare/input.txt (default: $MLSYSKIT_DATA_DIR, else ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for the servers; spinning OpenMP threads hurt on a shared machine (default: PASSIVE)")
-    p.add_argument("--out", default=None, help=f"JSON output (default: {DEFAULT_OUT.relative_to(REPO)}; with --quick {QUICK_OUT.relative_to(REPO)}); the PNG goes next to it")
+    p.add_argument("--out", default=None, help=f"JSON output (default: {DEFAULT_OUT.relative_to(common.REPO)}; with --quick {QUICK_OUT.relative_to(common.REPO)}); the PNG goes next to it")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args = common.parse_with_quick(build_parser(), argv, QUICK)
+    names = common.split_names(args.configs)
     bad = [c for c in names if c not in CONFIGS]
     if bad or not names:
         print(f"unknown configs {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
@@ -271,16 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLSYSKIT_API_KEY", None)
     env.pop("OMP_NUM_THREADS", None)  # each server sets its threads from --threads
-    load_start = os.getloadavg()
+    load_start = common.loadavgs()
     t_start = time.perf_counter()
     print(f"[serve_rates] configs {names}; prompts: {source}; load average {load_start[0]:.2f}; server logs in {logdir}", flush=True)
 
     report: dict[str, Any] = {
         "benchmark": "serve_rates",
         "quick": args.quick,
-        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                 "load_average_start": [round(x, 2) for x in load_start]},
-        "versions": versions(),
+        "host": {**common.platform_info(), "cpu_count": os.cpu_count(), "load_average_start": load_start},
+        "versions": common.package_versions(("torch", "fastapi", "uvicorn", "httpx", "numpy")),
         "settings": {
             "bound_s": args.bound, "max_error_rate": args.max_error_rate, "step_seconds": args.step_seconds,
             "start_rate": args.start_rate, "factor": args.factor, "max_rate": args.max_rate, "max_steps": args.max_steps,
@@ -307,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         "conclusive": conclusive,  # false when the baseline (or continuous, below the goal) never saturated
         "note": "rates are a geometric grid, so each sustainable rate is a lower bound within one factor step",
     }
-    report["host"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["host"]["load_average_end"] = common.loadavgs()
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out, report)
     png = out.with_suffix(".png")
     plot(report, png)
     print("\nconfiguration   sustainable req/s   saturated   steps   ready s")

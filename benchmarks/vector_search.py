@@ -28,8 +28,6 @@ import math
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,10 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlsyskit.vector import IVFIndex, kmeans, knn
+if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, however started
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+import common  # noqa: E402
+from common import peak_rss_gib, timed  # noqa: E402
+from mlsyskit.vector import IVFIndex, kmeans, knn  # noqa: E402
+
 K = 10
 RECALL_TARGETS = (0.9, 0.95, 0.99)
 
@@ -54,11 +55,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--components", type=int, default=256, help="Gaussian mixture components (default: 256)")
     p.add_argument("--max-base-gib", type=float, default=8.0, help="skip configurations whose base is larger (default: 8; 4M x 1024 is 16 GiB)")
     p.add_argument("--real-lines", type=int, default=10000, help="Shakespeare lines to embed, 1000 of them the queries (default: 10000)")
-    p.add_argument("--data-dir", default=os.environ.get("MLSYSKIT_DATA_DIR") or str(REPO.parent / "shared" / "data"), help="folder with shakespeare/input.txt (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", default=common.default_data_dir(), help="folder with shakespeare/input.txt (default: $MLSYSKIT_DATA_DIR or ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-faiss", action="store_true", help="skip faiss even if installed")
     p.add_argument("--no-memory-probe", action="store_true", help="skip the 4M x 128 peak-memory subprocess")
-    p.add_argument("--out", default=str(HERE / "results" / "vector_search.json"), help="JSON output (default: benchmarks/results/vector_search.json; the PNG goes beside it)")
+    p.add_argument("--out", default=str(common.RESULTS / "vector_search.json"), help="JSON output (default: benchmarks/results/vector_search.json; the PNG goes beside it)")
     p.add_argument("--quick", action="store_true", help="smoke run: N in {4000, 100000}, D in {2, 128}, 200 queries, 1000 real lines")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # "N,D,Q": internal subprocess mode
     return p.parse_args()
@@ -76,22 +77,14 @@ def mixture(n: int, d: int, centers: np.ndarray, rng: np.random.Generator) -> np
 
 
 def shakespeare_lines(data_dir: str) -> list[str] | None:
-    for root in (data_dir, os.environ.get("MLSYSKIT_DATA_DIR", ""), str(REPO.parent / "shared" / "data")):
-        path = Path(root) / "shakespeare" / "input.txt" if root else None
-        if path and path.is_file():
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            return list(dict.fromkeys(x for x in lines if x))
-    return None
+    path = common.find_file("shakespeare/input.txt", data_dir, common.env_data_dir(), common.SHARED_DATA)
+    if path is None:
+        return None
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(x for x in lines if x))
 
 
 # --- measurement ----------------------------------------------------------------------------
-def timed(fn, *args, **kwargs):
-    """(fn(*args, **kwargs), wall seconds)."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
 def recall(exact: np.ndarray, found: np.ndarray) -> float:
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(exact, found, strict=True)]))
 
@@ -266,15 +259,6 @@ def kmeans_rows(faiss, seed: int, quick: bool) -> list[dict]:
     return rows
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
-    from the parent across fork + exec, so a subprocess would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20  # KiB -> GiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def memory_probe(spec: str) -> None:
     """Subprocess mode: exact search over a fresh N x D base; print time and peak RSS."""
     n, d, q = (int(v) for v in spec.split(","))
@@ -289,11 +273,8 @@ def memory_probe(spec: str) -> None:
 
 
 def run_memory_probe(n: int, d: int, q: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", f"{n},{d},{q}"], capture_output=True,
-                         text=True, timeout=1800)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Exact search in a fresh process, so its peak RSS is the search's alone."""
+    return common.run_json_peer([sys.executable, __file__, "--memory-probe", f"{n},{d},{q}"], timeout=1800)
 
 
 def main() -> None:
@@ -378,9 +359,7 @@ def main() -> None:
         "configs": rows, "skipped": skipped, "real_embeddings": real, "kmeans": km, "memory_probe_4M_x_128": probe,
         "goals": goals(rows, km), "seconds_total": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = common.write_json(args.out, result)
     plot(rows, km, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['seconds_total'] / 60:.1f} min")
     print(json.dumps(result["goals"], indent=2))
@@ -410,11 +389,7 @@ def goals(rows: list[dict], km: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], km: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     curves = [r for r in rows if r["N"] >= 100_000 or r["data"] != "gaussian-mixture"]
     ncol = 4
     nrow = max(1, math.ceil((len(curves) + 2) / ncol))
@@ -463,8 +438,7 @@ def plot(rows: list[dict], km: list[dict], path: Path) -> None:
         ax.legend(fontsize=6)
     for ax in rest[2:]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    common.save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":
