@@ -24,6 +24,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	# the layers and the no-cycle rule of pyproject.toml's [tool.importlinter]
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 bench-deps: $(STAMP)
@@ -31,6 +33,7 @@ bench-deps: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -41,7 +41,7 @@ ratios to fp32 from the bests.
 CNN: McMahan's CNN from the federated-learning subpackage (a `mlsyskit fedavg` run directory
 given with --cnn-run, else trained here for --cnn-rounds FedAvg rounds on mnist-5k), test
 accuracy on the real 10,000-image MNIST test set in fp32, INT8 and INT4
-(mlsyskit.quant.vision).
+(mlsyskit.fl.quantized).
 
     .venv/bin/python benchmarks/quant_report.py            # JSON + PNG in benchmarks/results/
     .venv/bin/python benchmarks/quant_report.py --quick    # a smoke run (small sizes)
@@ -70,7 +70,13 @@ import common  # noqa: E402
 from common import log  # noqa: E402
 from mlsyskit.engine import LLM, SamplingParams, load_checkpoint  # noqa: E402
 from mlsyskit.models.transformer import build_transformer  # noqa: E402
-from mlsyskit.quant.linear import int8_weight_only, model_bytes, parse_quantization, quantize_  # noqa: E402
+from mlsyskit.quant.linear import (  # noqa: E402
+    QuantLinear,
+    int8_weight_only,
+    model_bytes,
+    parse_quantization,
+    quantize_,
+)
 from mlsyskit.quant.model_io import quantize_checkpoint, quantized_tensor_of  # noqa: E402
 from mlsyskit.quant.perplexity import bits_per_weight, linear_weight_bits, perplexity  # noqa: E402
 
@@ -162,7 +168,7 @@ def main() -> None:
                     calib_window_len=args.calib_window_len,
                 )
                 qckpt = load_checkpoint(out)
-                model = build_transformer(qckpt.config, qckpt.state_dict)
+                model = build_transformer(qckpt.config, qckpt.state_dict, quantized_linear=QuantLinear)
                 row.update(
                     label=summary["label"], bits_per_weight=summary["bits_per_weight"],
                     effective_group_size=summary["effective_group_size"],
@@ -179,7 +185,7 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             hckpt = with_int8_head(saved[base])
-            model = build_transformer(hckpt.config, hckpt.state_dict)
+            model = build_transformer(hckpt.config, hckpt.state_dict, quantized_linear=QuantLinear)
             row = {"name": name, "method": ROWS[base][1], "label": saved[base].file_type + "-head-int8",
                    "derived_from": base, "bits_per_weight": bits_per_weight(model), "model_bytes": model_bytes(model),
                    "file_bytes": None}
@@ -243,7 +249,7 @@ def with_int8_head(qckpt: Any) -> Any:
     if not qckpt.config.tie_embeddings:
         raise SystemExit("the int8-head rows assume tied embeddings (SmolLM2)")
     _, head = split_head(parse_quantization("int4"), "int8")
-    model = build_transformer(qckpt.config, {k: v for k, v in qckpt.state_dict.items() if k != "lm_head.weight"})
+    model = build_transformer(qckpt.config, {k: v for k, v in qckpt.state_dict.items() if k != "lm_head.weight"}, quantized_linear=QuantLinear)
     quantize_(model, head)
     state = dict(qckpt.state_dict)
     state["lm_head.weight"] = quantized_tensor_of(model.lm_head)
@@ -287,7 +293,7 @@ def llama_cpp_reference(n_linear: int) -> list[dict[str, Any]]:
 
 
 def cnn_rows(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
-    from mlsyskit.quant.vision import cnn_quantization_accuracy
+    from mlsyskit.fl.quantized import cnn_quantization_accuracy
 
     if args.cnn_run:
         return cnn_quantization_accuracy(args.cnn_run, data_dir)

@@ -52,8 +52,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from mlsyskit.engine.checkpoint import Checkpoint, default_model_path, load_checkpoint  # noqa: E402
 from mlsyskit.errors import UserError  # noqa: E402
+from mlsyskit.models.checkpoint import Checkpoint, default_model_path, load_checkpoint  # noqa: E402
 
 TINY = {
     "vocab_size": 49152,

@@ -98,19 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(fed, FLConfig)
     fed.add_argument("--resume", metavar="DIR", default=None, help="continue the killed run in DIR from its last checkpoint (same trajectory as an uninterrupted run); only --rounds, --target-accuracy, --eval-every, --checkpoint-every, --parallel-clients and --threads may change (default: off)")
     fed.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
-    fed.set_defaults(func=_fedavg)
+    fed.set_defaults(func=_fedavg, interrupted="interrupted; the last checkpoint is kept (--resume DIR continues)")
 
     # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
     from mlsyskit.engine import cli as engine_cli
     from mlsyskit.quant import cli as quant_cli
     from mlsyskit.serve import cli as serve_cli
-    from mlsyskit.serve import cluster_cli
+    from mlsyskit.serve import router_cli
     from mlsyskit.vector import cli as vector_cli
 
     engine_cli.register(sub)
     quant_cli.register(sub)
     vector_cli.register(sub)
-    cluster_cli.register(sub)
+    router_cli.register(sub)
     serve_cli.register(sub)
     return parser
 
@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlsyskit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mlsyskit {args.command}: interrupted; the last checkpoint is kept (--resume DIR continues)", file=sys.stderr)
+        # each command may say what an interruption leaves behind (set_defaults(interrupted=...))
+        print(f"\nmlsyskit {args.command}: {getattr(args, 'interrupted', 'interrupted')}", file=sys.stderr)
         return 130
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsyskit.engine.checkpoint import Checkpoint, load_checkpoint
+from mlsyskit.models.checkpoint import Checkpoint, load_checkpoint
 from mlsyskit.models.transformer import build_transformer
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Une phrase en français, 123 + 456 = 579."

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mlsyskit.engine.checkpoint import Checkpoint, load_checkpoint
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import Checkpoint, load_checkpoint
 from mlsyskit.models.config import TransformerConfig
 from mlsyskit.models.transformer import Transformer, build_transformer
 from mlsyskit.quant.awq import AWQResult, awq_, gram_root

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mlsyskit.engine import LLM, SamplingParams
-from mlsyskit.engine.checkpoint import load_checkpoint
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import load_checkpoint
 from mlsyskit.models.transformer import build_transformer
 from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig, parse_quantization, quantize_
 from mlsyskit.quant.model_io import (
@@ -75,7 +75,7 @@ def test_save_load_is_bit_exact(spec: str, tiny_qwen2_dir: Path, tmp_path: Path)
             assert got.zero is None or torch.equal(got.zero, t.zero)
         else:
             assert torch.equal(got, t), name
-    reloaded = build_transformer(again.config, again.state_dict)
+    reloaded = build_transformer(again.config, again.state_dict, quantized_linear=QuantLinear)
     for ids in (torch.arange(5).unsqueeze(0), torch.arange(20, 60).unsqueeze(0)):  # kernel and prefill paths
         assert torch.equal(reloaded(ids), model(ids))
     kinds = {m.kind for m in reloaded.modules() if isinstance(m, QuantLinear)}

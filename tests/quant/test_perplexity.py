@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlsyskit.engine.checkpoint import load_checkpoint
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import load_checkpoint
 from mlsyskit.models.transformer import build_transformer
 from mlsyskit.quant.linear import QuantLinear, int8_weight_only, parse_quantization, quantize_
 from mlsyskit.quant.perplexity import bits_per_weight, linear_weight_bits, perplexity, windows

@@ -6,22 +6,17 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mlsyskit.lazy import lazy_exports
 
 _EXPORTS = {
     "LLM": "mlsyskit.engine.llm",
     "LLMEngine": "mlsyskit.engine.llm_engine",
     "SamplingParams": "mlsyskit.engine.sampling",
     "RequestOutput": "mlsyskit.engine.outputs",
-    "Checkpoint": "mlsyskit.engine.checkpoint",
-    "load_checkpoint": "mlsyskit.engine.checkpoint",
-    "default_model_path": "mlsyskit.engine.checkpoint",
+    "Checkpoint": "mlsyskit.engine.llm",
+    "load_checkpoint": "mlsyskit.engine.llm",
+    "default_model_path": "mlsyskit.engine.llm",
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mlsyskit.engine' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

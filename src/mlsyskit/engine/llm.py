@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mlsyskit.engine.checkpoint import Checkpoint, load_checkpoint
 from mlsyskit.engine.llm_engine import LLMEngine
 from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import Checkpoint, default_model_path
+from mlsyskit.quant.model_io import load_checkpoint  # reads `mlsyskit quantize` directories too
+
+__all__ = ["LLM", "Checkpoint", "default_model_path", "load_checkpoint"]
 
 Prompt = str | list[int]
 Message = dict[str, str]

@@ -19,12 +19,13 @@ from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
-from mlsyskit.engine.tokenizer import IncrementalDecoder
 from mlsyskit.errors import UserError
+from mlsyskit.models.tokenizer import IncrementalDecoder
 from mlsyskit.models.transformer import build_transformer
+from mlsyskit.quant.linear import QuantLinear
 
 if TYPE_CHECKING:
-    from mlsyskit.engine.checkpoint import Checkpoint
+    from mlsyskit.models.checkpoint import Checkpoint
 
 DEFAULT_KV_BYTES = 1 << 30  # KV pool budget when num_kv_blocks is not given
 
@@ -65,7 +66,7 @@ class LLMEngine:
         for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
-        self.model = build_transformer(cfg, checkpoint.state_dict, dtype)
+        self.model = build_transformer(cfg, checkpoint.state_dict, dtype, quantized_linear=QuantLinear)
         if quantization is not None:
             from mlsyskit.quant.linear import parse_quantization, quantize_
 

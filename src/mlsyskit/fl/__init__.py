@@ -1,7 +1,23 @@
-"""Federated learning (McMahan et al. 2017 and successors), simulated on one machine."""
+"""Federated learning (McMahan et al. 2017 and successors), simulated on one machine.
 
-from mlsyskit.fl.config import ATTACKS, FLConfig
-from mlsyskit.fl.simulation import resume, run
-from mlsyskit.fl.strategies import STRATEGIES, Strategy, StrategyOptions, make_strategy
+Names are imported on first use, so importing the package (as ``mlsyskit --help`` does)
+does not load torch.
+"""
 
-__all__ = ["ATTACKS", "FLConfig", "STRATEGIES", "Strategy", "StrategyOptions", "make_strategy", "resume", "run"]
+from __future__ import annotations
+
+from mlsyskit.lazy import lazy_exports
+
+_EXPORTS = {
+    "ATTACKS": "mlsyskit.fl.config",
+    "FLConfig": "mlsyskit.fl.config",
+    "resume": "mlsyskit.fl.simulation",
+    "run": "mlsyskit.fl.simulation",
+    "STRATEGIES": "mlsyskit.fl.strategies",
+    "Strategy": "mlsyskit.fl.strategies",
+    "StrategyOptions": "mlsyskit.fl.strategies",
+    "make_strategy": "mlsyskit.fl.strategies",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

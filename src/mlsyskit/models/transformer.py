@@ -16,6 +16,7 @@ Two ways to run it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 from mlsyskit.errors import UserError
 from mlsyskit.models.blocks import Block, KVCache, make_norm, rope_cache, signed_sin
 from mlsyskit.models.config import TransformerConfig
+
+# (quantized weight, bias or None) -> the layer that computes with it
+LinearFactory = Callable[[Any, Tensor | None], nn.Module]
 
 
 class StepKV(Protocol):
@@ -107,13 +111,17 @@ class Transformer(nn.Module):
 
 
 def build_transformer(
-    cfg: TransformerConfig, state_dict: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+    cfg: TransformerConfig,
+    state_dict: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantized_linear: LinearFactory | None = None,
 ) -> Transformer:
     """Build the model (on the meta device when weights are given, so nothing is allocated twice)
     and load ``state_dict`` with strict name and shape checks.
 
-    Values that are :class:`mlsyskit.quant.QuantizedTensor` (a quantized checkpoint) become
-    :class:`~mlsyskit.quant.linear.QuantLinear` layers holding only their integer codes.
+    Values that are not tensors (quantized weights, e.g. :class:`mlsyskit.quant.QuantizedTensor`)
+    become ``quantized_linear(weight, bias)`` layers (e.g. :class:`mlsyskit.quant.QuantLinear`,
+    which holds only the integer codes); see :func:`attach_linear_weights`.
     """
     if state_dict is None:
         return Transformer(cfg).to(dtype).eval()
@@ -136,7 +144,28 @@ def build_transformer(
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         model.rope_cos, model.rope_sin, model.rope_sin_signed = cos, sin, signed_sin(sin)
     if quantized:
-        from mlsyskit.quant.linear import attach_quantized
-
-        attach_quantized(model, quantized)
+        if quantized_linear is None:
+            raise UserError(
+                "the checkpoint holds quantized weights: pass quantized_linear=QuantLinear "
+                "(mlsyskit.quant) to build_transformer"
+            )
+        attach_linear_weights(model, quantized, quantized_linear)
     return model.to(dtype).eval()
+
+
+def attach_linear_weights(model: nn.Module, weights: dict[str, Any], make_linear: LinearFactory) -> nn.Module:
+    """Replace the linear layer each ``"<module path>.weight"`` names by ``make_linear(weight,
+    bias)``, keeping the layer's bias; ``lm_head.weight`` on a tied model creates the head.
+    Each weight must have a ``shape`` equal to the layer's (out, in)."""
+    for name, w in weights.items():
+        path = name.removesuffix(".weight")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child, None)
+        if old is not None and not isinstance(old, nn.Linear):
+            raise UserError(f"quantized tensor {name} does not belong to a linear layer")
+        if old is not None and tuple(old.weight.shape) != tuple(w.shape):
+            raise UserError(f"quantized tensor {name} has shape {tuple(w.shape)}, the layer {tuple(old.weight.shape)}")
+        bias = None if old is None or old.bias is None else old.bias
+        setattr(parent, child, make_linear(w, bias))
+    return model

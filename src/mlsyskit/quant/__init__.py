@@ -6,8 +6,7 @@ that importing the package (e.g. for the CLI's ``--help``) does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mlsyskit.lazy import lazy_exports
 
 _EXPORTS = {
     "QuantScheme": "mlsyskit.quant.scheme",
@@ -32,8 +31,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mlsyskit.quant' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from mlsyskit.errors import UserError
 
 if TYPE_CHECKING:
-    from mlsyskit.engine.tokenizer import Tokenizer
     from mlsyskit.models.blocks import Rope
+    from mlsyskit.models.tokenizer import Tokenizer
     from mlsyskit.models.transformer import Transformer
 
 

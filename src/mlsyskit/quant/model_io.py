@@ -11,13 +11,16 @@ A directory written by :func:`save_model_dir` holds:
 - ``tokenizer.json`` (the ``tokenizers`` library's own format) and ``tokenizer_config.json``
   (``bos_token_id``, ``eos_token_ids``, ``add_bos_token``, ``chat_template``).
 
-:func:`load_model_dir` reads it back as an engine :class:`~mlsyskit.engine.checkpoint.Checkpoint`
+:func:`load_model_dir` reads it back as an engine :class:`~mlsyskit.models.checkpoint.Checkpoint`
 whose state dict has :class:`~mlsyskit.quant.tensor.QuantizedTensor` values for the quantized
 weights; ``build_transformer`` turns those into :class:`~mlsyskit.quant.linear.QuantLinear`
 layers with the very same codes, so a reload is bit-exact (identical codes, identical logits).
 
 :func:`quantize_checkpoint` is what ``mlsyskit quantize`` runs: load a checkpoint, quantize it
 (round to nearest or AWQ), write the directory atomically and check that it reloads exactly.
+
+Importing this module registers :data:`LOADER` with :func:`mlsyskit.models.checkpoint.
+register_loader`, so ``load_checkpoint`` (re-exported here) reads these directories too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import Loader, load_checkpoint, register_loader
 from mlsyskit.quant import kernels
 from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig
 from mlsyskit.quant.scheme import QuantScheme
@@ -40,8 +44,10 @@ from mlsyskit.quant.storage import WEIGHTS, load_quantized, save_quantized
 from mlsyskit.quant.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
-    from mlsyskit.engine.checkpoint import Checkpoint
-    from mlsyskit.engine.tokenizer import Tokenizer
+    from mlsyskit.models.checkpoint import Checkpoint
+    from mlsyskit.models.tokenizer import Tokenizer
+
+__all__ = ["LOADER", "load_checkpoint", "load_model_dir", "quantize_checkpoint", "save_model_dir"]
 
 MODEL_CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -146,7 +152,7 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     """A :class:`Checkpoint` of a :func:`save_model_dir` directory: plain tensors in ``dtype``,
     quantized weights as :class:`QuantizedTensor` (bit-exact). Raises UserError when the
     directory is incomplete, corrupt or does not match its config."""
-    from mlsyskit.engine.checkpoint import Checkpoint, check_state_dict, check_tokenizer
+    from mlsyskit.models.checkpoint import Checkpoint, check_state_dict, check_tokenizer
     from mlsyskit.models.config import TransformerConfig
 
     path = Path(path)
@@ -179,6 +185,14 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> Chec
     )
 
 
+LOADER = Loader(
+    name="mlsyskit-quant",
+    matches=lambda path: (path / "quant_config.json").is_file(),
+    load=lambda path, dtype: load_model_dir(path, dtype),
+)
+register_loader(LOADER)
+
+
 def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     # The engine's Tokenizer wraps a `tokenizers.Tokenizer`; its own JSON format is lossless
     # (model, pre-tokenizer, decoder, added/special tokens).
@@ -195,7 +209,7 @@ def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
 def _load_tokenizer(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
-    from mlsyskit.engine.tokenizer import Tokenizer
+    from mlsyskit.models.tokenizer import Tokenizer
 
     try:
         backend = HFTokenizer.from_file(str(folder / TOKENIZER))
@@ -292,7 +306,6 @@ def quantize_checkpoint(
     logits are identical. Returns a JSON-able summary."""
     import time
 
-    from mlsyskit.engine.checkpoint import load_checkpoint
     from mlsyskit.models.transformer import build_transformer
     from mlsyskit.quant.linear import quantize_
     from mlsyskit.quant.perplexity import bits_per_weight, file_bytes
@@ -352,7 +365,7 @@ def _check_reload(model: nn.Module, path: Path) -> None:
     from mlsyskit.models.transformer import build_transformer
 
     ckpt = load_model_dir(path)
-    again = build_transformer(ckpt.config, ckpt.state_dict)
+    again = build_transformer(ckpt.config, ckpt.state_dict, quantized_linear=QuantLinear)
     ids = torch.arange(min(8, ckpt.config.vocab_size)).unsqueeze(0)
     if not torch.equal(model(ids), again(ids)):
         raise RuntimeError(f"{path} does not reload to the model that was saved")

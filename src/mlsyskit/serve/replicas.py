@@ -38,6 +38,8 @@ from typing import Any
 
 from mlsyskit.errors import UserError
 from mlsyskit.serve.autoscale import Autoscaler, Observation, parse_range
+from mlsyskit.serve.listen import bind_socket
+from mlsyskit.serve.options import serve_parser
 from mlsyskit.serve.router import Router, _queue, build_app
 
 log = logging.getLogger("mlsyskit.replicas")
@@ -49,22 +51,10 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 _OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help"}
 
 
-def _serve_parser() -> argparse.ArgumentParser | None:
-    from mlsyskit.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get("serve")
-    return None
-
-
 def worker_flags(args: argparse.Namespace) -> list[str]:
     """The `serve` flags of `args` that differ from their defaults, as command-line words, minus
     the ones this process owns (host, port, replicas, autoscale, threads)."""
-    parser = _serve_parser()
-    if parser is None:
-        raise UserError("mlsyskit serve is not available in this installation")
+    parser = serve_parser()
     out: list[str] = []
     for a in parser._actions:
         if a.dest in _OWN or not a.option_strings or isinstance(a, argparse._HelpAction):
@@ -381,7 +371,6 @@ def serve_replicated(args: argparse.Namespace) -> int:
     flags = worker_flags(args)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from mlsyskit.serve.cli import bind_socket
 
     host, port = getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 8000))
     sock = bind_socket(host, port)  # a busy port is one clear error before any worker starts

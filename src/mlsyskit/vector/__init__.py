@@ -14,8 +14,7 @@ so `import mlsyskit.vector` (and the CLI) stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mlsyskit.lazy import lazy_exports
 
 _EXPORTS = {
     "knn": "mlsyskit.vector.exact_knn",
@@ -23,7 +22,7 @@ _EXPORTS = {
     "KMeansResult": "mlsyskit.vector.clustering",
     "IVFIndex": "mlsyskit.vector.ivf",
     "IVFPQIndex": "mlsyskit.vector.ivfpq",
-    "load_index": "mlsyskit.vector.ivf",
+    "load_index": "mlsyskit.vector.indexes",
     "distance": "mlsyskit.vector.distances",
     "pairwise_distances": "mlsyskit.vector.distances",
     "get_backend": "mlsyskit.vector.backends",
@@ -38,14 +37,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mlsyskit.vector' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import Any
 
+from mlsyskit.runtime import add_progress_flag, show_progress
+
 METRICS = ("l2", "cosine", "dot", "manhattan")
 BACKENDS = ("torch", "numpy", "triton")
 
@@ -66,7 +68,7 @@ def _build(args: argparse.Namespace) -> int:
         index = IVFPQIndex(base.shape[1], nlist, args.metric, backend=args.backend, m=args.pq, nbits=args.pq_bits)
     else:
         index = IVFIndex(base.shape[1], nlist, args.metric, backend=args.backend)
-    km = index.train(base, max_iter=args.max_iter, seed=args.seed)
+    km = index.train(base, max_iter=args.max_iter, seed=args.seed, progress=show_progress(args.progress))
     index.add(base, ids)
     index.save(args.out)
     sizes = index.list_sizes()
@@ -87,7 +89,7 @@ def _search(args: argparse.Namespace) -> int:
 
     queries = _load_npy(args.queries, "queries")
     if args.index:
-        from mlsyskit.vector.ivf import load_index
+        from mlsyskit.vector.indexes import load_index
 
         if args.metric is not None:
             raise UserError("--metric is fixed when the index is built; drop it with --index")
@@ -193,6 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-iter", type=int, default=20, help="KMeans iterations at most (default: 20)")
     b.add_argument("--seed", type=int, default=0, help="random seed of the KMeans sample and init (default: 0)")
     b.add_argument("--backend", choices=BACKENDS, default="torch", help="compute back end (default: torch)")
+    add_progress_flag(b, "the KMeans iterations and PQ codebooks")
     b.set_defaults(func=_build)
 
     s = actions.add_parser("search", help="k nearest neighbours of query vectors, in an index or a raw base",

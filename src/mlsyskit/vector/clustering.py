@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mlsyskit.errors import UserError
 from mlsyskit.vector._validate import as_matrix, check_metric, check_positive_int
@@ -66,8 +67,9 @@ def kmeans(
     seed: int = 0,
     init: str | Any = "k-means++",
     backend: str = "torch",
+    progress: bool = False,
 ) -> KMeansResult:
-    """Cluster the rows of `x` (n, d) into k clusters.
+    """Cluster the rows of `x` (n, d) into k clusters (``progress``: a bar over the iterations).
 
     metric: "l2" or "cosine" (spherical). Stops after max_iter iterations, when the labels no
     longer change, or when an iteration lowers the inertia by at most tol times its previous
@@ -103,31 +105,37 @@ def kmeans(
     inertia = float(cost.sum(dtype=np.float64))
     history = [inertia]
     converged, n_iter, reseeded = False, 0, 0
-    for _ in range(int(max_iter)):
-        sums, counts = be.centroid_sums(xw, labels, k)
-        new = centroids.astype(np.float64)
-        filled = counts > 0
-        if metric == "l2":
-            new[filled] = sums[filled] / counts[filled, None]
-        else:
-            norms = np.linalg.norm(sums, axis=1)
-            ok = filled & (norms > 0)  # a zero sum leaves every unit centroid equally good: keep it
-            new[ok] = sums[ok] / norms[ok, None]
-        empty = np.flatnonzero(~filled)
-        if empty.size:
-            far = np.lexsort((np.arange(n), -cost))[: empty.size]
-            new[empty] = xw[far]
-            reseeded += int(empty.size)
-        centroids = new.astype(np.float32)
-        new_labels, cost = be.assign(xw, centroids, metric)
-        new_inertia = float(cost.sum(dtype=np.float64))
-        n_iter += 1
-        history.append(new_inertia)
-        unchanged = empty.size == 0 and bool(np.array_equal(new_labels, labels))
-        labels = new_labels
-        if unchanged or inertia - new_inertia <= tol * inertia:
-            converged = True
+    bar = tqdm(total=int(max_iter), desc=f"kmeans k={k}", unit="iter", disable=not progress, leave=False)
+    try:
+        for _ in range(int(max_iter)):
+            sums, counts = be.centroid_sums(xw, labels, k)
+            new = centroids.astype(np.float64)
+            filled = counts > 0
+            if metric == "l2":
+                new[filled] = sums[filled] / counts[filled, None]
+            else:
+                norms = np.linalg.norm(sums, axis=1)
+                ok = filled & (norms > 0)  # a zero sum leaves every unit centroid equally good: keep it
+                new[ok] = sums[ok] / norms[ok, None]
+            empty = np.flatnonzero(~filled)
+            if empty.size:
+                far = np.lexsort((np.arange(n), -cost))[: empty.size]
+                new[empty] = xw[far]
+                reseeded += int(empty.size)
+            centroids = new.astype(np.float32)
+            new_labels, cost = be.assign(xw, centroids, metric)
+            new_inertia = float(cost.sum(dtype=np.float64))
+            n_iter += 1
+            bar.update(1)
+            bar.set_postfix(inertia=f"{new_inertia:.5g}", refresh=False)
+            history.append(new_inertia)
+            unchanged = empty.size == 0 and bool(np.array_equal(new_labels, labels))
+            labels = new_labels
+            if unchanged or inertia - new_inertia <= tol * inertia:
+                converged = True
+                inertia = new_inertia
+                break
             inertia = new_inertia
-            break
-        inertia = new_inertia
+    finally:
+        bar.close()
     return KMeansResult(centroids, labels, inertia, n_iter, converged, history, reseeded)

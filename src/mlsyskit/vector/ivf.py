@@ -76,9 +76,11 @@ class IVFIndex:
         seed: int = 0,
         init: str = "random",
         max_points_per_centroid: int = 256,
+        progress: bool = False,
     ) -> KMeansResult:
         """Learn the coarse centroids with KMeans on x, or on a random sample of
-        nlist * max_points_per_centroid rows of it (faiss's default rule). Returns the KMeans result."""
+        nlist * max_points_per_centroid rows of it (faiss's default rule). Returns the KMeans result.
+        ``progress``: a bar over the KMeans iterations."""
         data = as_matrix(x, "training vectors", d=self.d, d_from="the index")
         if data.shape[0] < self.nlist:
             raise UserError(f"training needs at least nlist={self.nlist} vectors, got {data.shape[0]}")
@@ -88,7 +90,7 @@ class IVFIndex:
             data = data[rows]
         km_metric = "cosine" if self.metric == "cosine" else "l2"
         result = kmeans(data, self.nlist, km_metric, max_iter=max_iter, seed=seed, init=init,
-                        backend=self.backend)
+                        backend=self.backend, progress=progress)
         self.centroids = result.centroids
         return result
 
@@ -194,7 +196,7 @@ class IVFIndex:
         kind, meta, arrays = read_index(path)
         if kind != cls.kind:
             raise UserError(f"index file {path} holds a {kind} index, not {cls.kind}")
-        index = _from_meta(cls, path, meta, backend)
+        index = from_meta(cls, path, meta, backend)
         index._restore(path, arrays)
         return index
 
@@ -219,23 +221,8 @@ class IVFIndex:
         self._sqnorms = row_sqnorms(self._vectors) if self.metric == "l2" else None
 
 
-def load_index(path: str | Path, backend: str = "torch") -> IVFIndex:
-    """Read any index written by `save` (IVFFlat or IVFPQ), whichever kind the file holds."""
-    kind, meta, arrays = read_index(path)
-    if kind == "IVFPQ":
-        from mlsyskit.vector.ivfpq import IVFPQIndex
-
-        cls: type[IVFIndex] = IVFPQIndex
-    elif kind == IVFIndex.kind:
-        cls = IVFIndex
-    else:
-        raise UserError(f"index file {path} holds an unknown index kind {kind!r}")
-    index = _from_meta(cls, path, meta, backend)
-    index._restore(path, arrays)
-    return index
-
-
-def _from_meta(cls: type, path: str | Path, meta: dict[str, Any], backend: str) -> Any:
+def from_meta(cls: type, path: str | Path, meta: dict[str, Any], backend: str) -> Any:
+    """An empty index of class ``cls`` with the parameters a file header ``meta`` records."""
     try:
         extra = {key: meta[key] for key in getattr(cls, "_extra_meta", ())}
         return cls(int(meta["d"]), int(meta["nlist"]), str(meta["metric"]), backend=backend, **extra)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mlsyskit.errors import UserError
 from mlsyskit.vector._validate import as_matrix, check_positive_int
@@ -62,11 +63,12 @@ class IVFPQIndex(IVFIndex):
         return self.centroids is not None and self.codebooks is not None
 
     def train(self, x: Any, max_iter: int = 20, seed: int = 0, init: str = "random",
-              max_points_per_centroid: int = 256, pq_max_iter: int = 20) -> KMeansResult:
+              max_points_per_centroid: int = 256, pq_max_iter: int = 20,
+              progress: bool = False) -> KMeansResult:
         """Train the coarse centroids (as IVFIndex.train), then one KMeans codebook per
         sub-space on the residuals of a sample of x. Returns the coarse KMeans result."""
         result = super().train(x, max_iter=max_iter, seed=seed, init=init,
-                               max_points_per_centroid=max_points_per_centroid)
+                               max_points_per_centroid=max_points_per_centroid, progress=progress)
         data = as_matrix(x, "training vectors", d=self.d, d_from="the index")
         cap = PQ_TRAIN_POINTS_PER_CODEWORD * self.ksub
         if data.shape[0] > cap:
@@ -75,7 +77,7 @@ class IVFPQIndex(IVFIndex):
             raise UserError(f"training the product quantizer needs at least 2^nbits={self.ksub} vectors, got {data.shape[0]}")
         resid = self._residuals(prepare_rows(data, self.metric), self._assign_lists(data))
         books = []
-        for s in range(self.m):
+        for s in tqdm(range(self.m), desc="PQ codebooks", unit="sub-space", disable=not progress, leave=False):
             sub = resid[:, s * self.dsub : (s + 1) * self.dsub]
             books.append(kmeans(sub, self.ksub, "l2", max_iter=pq_max_iter, seed=seed + 1 + s,
                                 init="random", backend=self.backend).centroids)

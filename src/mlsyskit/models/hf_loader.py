@@ -2,7 +2,7 @@
 
 Supports model_type llama, mistral, qwen2 (Llama family: q/k/v/o, gate/up/down, RMSNorm) and
 gpt2 (Conv1D weights stored (in, out), transposed here). Weights are read with safetensors only:
-never pickle. Maps HF names to ours (see :mod:`mlsyskit.engine.checkpoint`), fusing q|k|v and
+never pickle. Maps HF names to ours (see :mod:`mlsyskit.models.checkpoint`), fusing q|k|v and
 gate|up.
 """
 
@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mlsyskit.engine.checkpoint import (
+from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint_types import (
     PICKLE_SUFFIXES,
     Checkpoint,
     check_state_dict,
     check_tokenizer,
     pickle_message,
 )
-from mlsyskit.engine.tokenizer import Tokenizer
-from mlsyskit.errors import UserError
 from mlsyskit.models.config import TransformerConfig
+from mlsyskit.models.tokenizer import Tokenizer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from mlsyskit.data.load import load_dataset
 from mlsyskit.errors import UserError
+from mlsyskit.fl.quantized import cnn_quantization_accuracy
 from mlsyskit.models.vision import CNN, MLP
-from mlsyskit.quant.vision import cnn_quantization_accuracy
 
 
 @pytest.fixture(scope="module")

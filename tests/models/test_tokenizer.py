@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mlsyskit.engine.checkpoint import Checkpoint
-from mlsyskit.engine.tokenizer import CHATML_TEMPLATE, Tokenizer
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import Checkpoint
+from mlsyskit.models.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 TEXTS = [
     "Hello world",

@@ -2,7 +2,7 @@
 
 Reads the file memory-mapped with ``gguf.GGUFReader``, dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1
 with the vectorized numpy code below, undoes llama.cpp's Q/K row permutation and fuses q|k|v
-and gate|up into our layout (names: :mod:`mlsyskit.engine.checkpoint`). Fused tensors are
+and gate|up into our layout (names: :mod:`mlsyskit.models.checkpoint`). Fused tensors are
 dequantized straight into their slice of the output, so each weight is written once.
 Architectures: llama (SmolLM2, TinyLlama, Mistral), qwen2, gpt2.
 """
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 
-from mlsyskit.engine.checkpoint import Checkpoint, check_state_dict, check_tokenizer
-from mlsyskit.engine.tokenizer import Tokenizer
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint_types import Checkpoint, check_state_dict, check_tokenizer
 from mlsyskit.models.config import TransformerConfig
+from mlsyskit.models.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)

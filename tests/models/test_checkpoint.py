@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsyskit.engine.checkpoint import (
+from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import (
     Checkpoint,
     default_model_path,
     expected_shapes,
     load_checkpoint,
 )
-from mlsyskit.errors import UserError
 
 
 def test_default_model_is_the_packaged_smollm2(smollm2_path: Path) -> None:

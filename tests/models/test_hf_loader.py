@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsyskit.engine.checkpoint import load_checkpoint
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import load_checkpoint
 
 
 def _transformers_state(folder: Path) -> dict[str, torch.Tensor]:

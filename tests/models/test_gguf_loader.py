@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from mlsyskit.engine.checkpoint import Checkpoint, load_checkpoint
-from mlsyskit.engine.gguf_loader import _Reader, dequantize
 from mlsyskit.errors import UserError
+from mlsyskit.models.checkpoint import Checkpoint, load_checkpoint
+from mlsyskit.models.gguf_loader import _Reader, dequantize
 
 Q = GGMLQuantizationType
 
