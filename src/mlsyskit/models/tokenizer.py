@@ -4,12 +4,18 @@ Built either from a Hugging Face ``tokenizer.json`` (:meth:`Tokenizer.from_hf_di
 vocabulary a GGUF file carries as metadata (:meth:`Tokenizer.from_gguf_metadata`: byte-level BPE,
 ``tokenizer.ggml.model == "gpt2"``). Also renders the checkpoint's Jinja chat template and decodes
 a token stream incrementally without ever emitting half a UTF-8 character.
+
+Chat prompts keep message text as text: :meth:`Tokenizer.apply_chat_template` returns a
+:class:`ChatPrompt` that remembers where each message's content lies, and :meth:`Tokenizer.encode`
+turns only the template's own markers into special tokens, so a ``<|im_start|>`` typed in a message
+cannot open a fake system turn (as chat servers do).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -124,6 +130,28 @@ def _compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as exc:
         raise UserError(f"the checkpoint's chat template does not compile: {exc}") from exc
+
+
+# Stand-ins for message contents while locating them in a rendered chat prompt (private-use
+# characters, so a template never produces them itself).
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class ChatPrompt(str):
+    """A chat prompt rendered by :meth:`Tokenizer.apply_chat_template`: a ``str`` that also
+    records the ``(start, end)`` character spans holding the messages' own text.
+
+    :meth:`Tokenizer.encode` parses special tokens only outside these spans. Slicing or
+    concatenating gives a plain ``str``, whose special-token text is parsed everywhere again.
+    """
+
+    message_spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, message_spans: Sequence[tuple[int, int]] = ()) -> ChatPrompt:
+        obj = super().__new__(cls, text)
+        obj.message_spans = tuple(message_spans)
+        return obj
 
 
 class Tokenizer:
@@ -249,10 +277,51 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) map to
-        their single id. ``add_bos=None`` uses the checkpoint's default."""
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        their single id, except inside the message spans of a :class:`ChatPrompt`, where they
+        stay plain text. ``add_bos=None`` uses the checkpoint's default."""
+        if isinstance(text, ChatPrompt) and text.message_spans:
+            ids = self._encode_chat_prompt(text)
+        else:
+            ids = self._tk.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (messages' text never
+        becomes special tokens); the template itself adds BOS where the model wants it."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+    @functools.cached_property
+    def _literal_tk(self) -> _HFTokenizer:
+        """A copy of the backend that reads special-token text as plain text (a copy, not a
+        toggle, so concurrent encodes on the shared backend are never affected)."""
+        tk = _HFTokenizer.from_str(self._tk.to_str())
+        tk.encode_special_tokens = True
+        return tk
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
+
+    def _encode_chat_prompt(self, prompt: ChatPrompt) -> list[int]:
+        # Tokenize as usual, keep as markers only the special tokens outside every message span,
+        # then tokenize the text between markers with special tokens read as text. Without
+        # special text inside the messages this gives exactly the ids of the plain encoding.
+        enc = self._tk.encode(prompt, add_special_tokens=False)
+        spans = prompt.message_spans
+        ids: list[int] = []
+        pos = 0
+        for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            if tid in self._special_ids and not any(a < end and start < b for a, b in spans):
+                if start > pos:
+                    ids += self._literal_tk.encode(prompt[pos:start], add_special_tokens=False).ids
+                ids.append(tid)
+                pos = end
+        if pos < len(prompt):
+            ids += self._literal_tk.encode(prompt[pos:], add_special_tokens=False).ids
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -265,9 +334,14 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
+    ) -> ChatPrompt:
         """Render ``messages`` ([{"role": ..., "content": ...}]) with the checkpoint's template
-        (ChatML when it has none), as transformers' ``apply_chat_template(tokenize=False)``."""
+        (ChatML when it has none), as transformers' ``apply_chat_template(tokenize=False)``.
+
+        The result is a :class:`ChatPrompt`: the same text, plus where each message's content
+        lies, so that :meth:`encode` keeps special-token text typed in a message as text. If the
+        template rewrites message text (so it cannot be located) and a message contains a
+        special token's text, the messages are refused rather than encoded unsafely."""
         if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
             raise UserError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
         for i, m in enumerate(messages):
@@ -276,15 +350,57 @@ class Tokenizer:
             if not isinstance(m.get("content"), str):
                 raise UserError(f"chat message {i} has no 'content' string: {m!r}")
         template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        extra = {
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self._text_of(self.bos_id),
+            "eos_token": self._text_of(self.eos_ids[0] if self.eos_ids else None),
+        }
         try:
-            return template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._text_of(self.bos_id),
-                eos_token=self._text_of(self.eos_ids[0] if self.eos_ids else None),
-            )
+            text = template.render(messages=[dict(m) for m in messages], **extra)
         except jinja2.TemplateError as exc:  # includes the template's own raise_exception
             raise UserError(f"chat template rejected the messages: {exc}") from exc
+        spans = self._message_spans(template, messages, extra, text)
+        if spans is None:
+            spans = ()
+            specials = [self._tk.id_to_token(i) for i in self._special_ids]
+            for i, m in enumerate(messages):
+                typed = next((t for t in specials if t and t in m["content"]), None)
+                if typed is not None:
+                    raise UserError(
+                        f"chat message {i} contains the special token {typed!r}, and this model's "
+                        "chat template rewrites message text, so it cannot be kept as plain text; "
+                        "remove it"
+                    )
+        return ChatPrompt(text, spans)
+
+    @staticmethod
+    def _message_spans(
+        template: jinja2.Template,
+        messages: Sequence[Mapping[str, Any]],
+        extra: Mapping[str, Any],
+        text: str,
+    ) -> list[tuple[int, int]] | None:
+        """Where the messages' contents lie in ``text``: render again with a marker in place of
+        each content and put the contents back; None unless that rebuilds ``text`` exactly (the
+        template trims, tests or otherwise rewrites the content)."""
+        marked = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
+        try:
+            rendered = template.render(messages=marked, **extra)
+        except jinja2.TemplateError:
+            return None
+        pieces = _MARK_RE.split(rendered)  # text, index, text, index, ..., text
+        spans: list[tuple[int, int]] = []
+        out = [pieces[0]]
+        pos = len(pieces[0])
+        for k in range(1, len(pieces), 2):
+            i = int(pieces[k])
+            if i >= len(messages):
+                return None
+            content = messages[i]["content"]
+            spans.append((pos, pos + len(content)))
+            out += [content, pieces[k + 1]]
+            pos += len(content) + len(pieces[k + 1])
+        return spans if "".join(out) == text else None
 
     def _text_of(self, token_id: int | None) -> str:
         token = None if token_id is None else self._tk.id_to_token(token_id)
@@ -306,7 +422,8 @@ class IncrementalDecoder:
     """Streams text token by token; never emits half a UTF-8 character.
 
     Decodes a small window of recent ids and emits only what extends the previous decode of that
-    window, holding back while the text ends in U+FFFD (an incomplete byte sequence). Decoding a
+    window, holding back while the text ends in U+FFFD (an incomplete byte sequence); at the end
+    of the stream, :meth:`flush` drops a character that never completed. Decoding a
     window (not single tokens) also keeps SentencePiece's leading spaces right.
     """
 
@@ -328,8 +445,13 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Text still held back at the end of the stream (e.g. an invalid byte sequence)."""
+        """Text still held back at the end of the stream.
+
+        A character the stream stopped in the middle of (``max_tokens`` reached after the first
+        bytes of an emoji) is dropped, not shown as U+FFFD: the text ends with the last complete
+        character. (A U+FFFD the model spelled out in full right at the end is dropped with it;
+        the two cannot be told apart from the decoded text.)"""
         prev = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
         text = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self._ids)
-        return text[len(prev) :]
+        return text[len(prev) :].rstrip("\ufffd")
