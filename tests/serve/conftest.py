@@ -12,14 +12,17 @@ Every server of a module is stopped with SIGTERM at the end of the module.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -132,3 +135,37 @@ def launch_server(smollm2_path: Path) -> Callable[..., ServerURL]:
         return launch(server_command(smollm2_path, flags), log, env=env)
 
     return start
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``cond`` every 50 ms until it holds; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def post_then_disconnect(url: str, path: str, body: dict, *, until: Callable[[], bool], headers: dict | None = None, timeout: float = 60.0) -> bytes:
+    """POST ``body`` as JSON on a raw socket, wait until ``until()`` holds (e.g. the server runs
+    the request), then close the socket as a client that gave up would; returns whatever the
+    server had answered by then (b"" for a request still running)."""
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as s:
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        wait_until(until, timeout, "the server to run the request")
+        s.setblocking(False)
+        try:
+            return s.recv(65536)
+        except BlockingIOError:
+            return b""
+
+
+@pytest.fixture(scope="session")
+def disconnecting_client() -> Callable[..., bytes]:
+    """``post_then_disconnect(url, path, body, until=..., headers=None)``: a raw-socket client
+    that sends a request and hangs up before the answer (see :func:`post_then_disconnect`)."""
+    return post_then_disconnect

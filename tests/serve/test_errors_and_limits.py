@@ -170,3 +170,47 @@ def test_queue_full_429_with_retry_after(start_server):
             assert int(r.headers["Retry-After"]) >= 1
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
     assert _metric(metrics, "mlsyskit_http_requests_total", 'status="429"') == codes.count(429)
+
+
+def test_client_gone_before_a_plain_answer_aborts_the_request(guarded, disconnecting_client):
+    """A non-streamed request whose client hangs up (a timeout, a closed socket) is aborted
+    at once and its KV blocks return to the pool; it does not run on to max_tokens for nobody."""
+
+    def health() -> dict:
+        return httpx.get(f"{guarded}/health", timeout=30).json()
+
+    before = health()
+    body = {"model": guarded.model, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 100, "temperature": 0}  # no "stream"
+    answer = disconnecting_client(guarded, "/v1/completions", body, headers=AUTH,
+                                  until=lambda: (h := health())["running"] == 1 and h["kv_blocks_used"] > 0)
+    assert answer == b""  # still generating when the client left
+    for _ in range(200):
+        after = health()
+        if after["in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    assert after["in_flight"] == 0 and after["running"] == 0 and after["kv_blocks_used"] == 0, after
+    assert after["requests_aborted"] == before["requests_aborted"] + 1
+    assert after["requests_finished"] == before["requests_finished"]
+    assert after["tokens_generated"] - before["tokens_generated"] < 100  # cut short
+    text = httpx.get(f"{guarded}/metrics", timeout=30).text
+    assert _metric(text, "mlsyskit_requests_aborted_total") == after["requests_aborted"]
+    assert _metric(text, "mlsyskit_http_requests_total", 'route="/v1/completions",status="499"') == 1
+
+
+def test_bearer_scheme_is_case_insensitive(guarded):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(f"{guarded}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}, timeout=30)
+        assert r.status_code == 200, (scheme, r.text)
+    for header in (f"Basic {KEY}", KEY, f"Bearer{KEY}", "Bearer"):
+        err = error_of(httpx.get(f"{guarded}/v1/models", headers={"Authorization": header}, timeout=30), 401)
+        assert err["message"] == "incorrect API key", header
+
+
+def test_metrics_label_fastapi_own_routes(guarded):
+    assert httpx.get(f"{guarded}/openapi.json", timeout=30).status_code == 200
+    assert httpx.get(f"{guarded}/docs", timeout=30).status_code == 200
+    text = httpx.get(f"{guarded}/metrics", timeout=30).text
+    assert _metric(text, "mlsyskit_http_requests_total", 'route="/openapi.json",status="200"') >= 1
+    assert _metric(text, "mlsyskit_http_requests_total", 'route="/docs",status="200"') >= 1
+    assert 'route="unmatched",status="200"' not in text

@@ -222,6 +222,45 @@ def test_client_dropping_a_stream_frees_the_replica(cluster) -> None:
     assert backend_state(router)[backend]["in_flight"] == 0
 
 
+def test_client_gone_before_a_plain_answer_frees_the_replica(cluster, disconnecting_client) -> None:
+    """Not streamed: the router's client hangs up while the replica generates; the router closes
+    its upstream request, the replica aborts the request and frees its KV blocks."""
+    router, model = cluster["router"], cluster["model"]
+
+    def running() -> list[str]:
+        return [url for url, b in backend_state(router).items() if b["in_flight"] == 1]
+
+    def healths() -> dict[str, dict]:
+        return {url: httpx.get(url + "/health", timeout=10).json() for url in backend_state(router)}
+
+    before = healths()
+    busy: list[str] = []
+
+    def started() -> bool:
+        busy[:] = running()
+        return bool(busy) and httpx.get(busy[0] + "/health", timeout=10).json()["kv_blocks_used"] > 0
+
+    answer = disconnecting_client(router, "/v1/chat/completions", chat(model, "Tell me everything.", max_tokens=220), until=started)
+    assert answer == b""
+    backend = busy[0]
+    wait_for(lambda: httpx.get(backend + "/health", timeout=10).json()["in_flight"] == 0, 30, "the replica to drop the request")
+    after = httpx.get(backend + "/health", timeout=10).json()
+    assert after["kv_blocks_used"] == 0, after
+    assert after["requests_aborted"] == before[backend]["requests_aborted"] + 1
+    assert after["requests_finished"] == before[backend]["requests_finished"]
+    assert after["tokens_generated"] - before[backend]["tokens_generated"] < 220
+    wait_for(lambda: backend_state(router)[backend]["outstanding_tokens"] == 0, 10, "the router to release the budget")
+    assert backend_state(router)[backend]["in_flight"] == 0 and backend_state(router)[backend]["alive"]
+
+
+def test_openapi_has_no_duplicate_operation_ids(cluster) -> None:
+    router = cluster["router"]
+    spec = httpx.get(router + "/openapi.json", timeout=10).json()
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert "Duplicate Operation ID" not in (cluster["folder"] / "router.log").read_text()
+
+
 def test_killing_a_replica_under_load_loses_no_request(cluster, tiny_llama_dir) -> None:
     router, model, a, b = cluster["router"], cluster["model"], cluster["a"], cluster["b"]
     prompts = [f"Write item number {i} of a shopping list." for i in range(12)]

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlsyskit.errors import UserError
+from mlsyskit.serve.disconnect import CancelOnDisconnect
 from mlsyskit.serve.metrics import ServerMetrics
 from mlsyskit.serve.protocol import (
     ERROR_RESPONSES,
@@ -55,10 +56,33 @@ if TYPE_CHECKING:
 # Paths served without the API key: liveness, scraping and the API description.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CLIENT_CLOSED = 499  # /metrics status of a request whose client left before the answer (nginx's code)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def bearer_token(header: bytes) -> bytes:
+    """The credentials of an ``Authorization: Bearer TOKEN`` header (the scheme name is
+    case-insensitive, RFC 7235), or b"" for another scheme or none."""
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+def route_path(scope: Scope) -> str:
+    """The path template of the route that served ``scope`` (a bounded label for /metrics), or
+    "unmatched". FastAPI's own routes (/openapi.json, /docs) leave no ``route`` in the scope,
+    only their ``endpoint``: found among the app's routes."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    endpoint = scope.get("endpoint")
+    if endpoint is not None:
+        for r in getattr(scope.get("app"), "routes", ()):
+            if getattr(r, "endpoint", None) is endpoint and isinstance(getattr(r, "path", None), str):
+                return r.path
+    return "unmatched"
 
 
 class _Guard:
@@ -70,7 +94,7 @@ class _Guard:
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics) -> None:
         self.app = app
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
         self.metrics = metrics
 
@@ -82,23 +106,30 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         status = [500]
+        started = False
 
         async def send_counted(message: dict[str, Any]) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started = message["status"], True
             await send(message)
 
         try:
             await self._handle(scope, receive, send_counted)
+            if not started:
+                status[0] = CLIENT_CLOSED  # the client left before any answer (body unread)
+        except asyncio.CancelledError:
+            if not started:
+                status[0] = CLIENT_CLOSED  # cancelled because the client disconnected
+            raise
         finally:
-            route = scope.get("route")
-            self.metrics.observe_response(getattr(route, "path", "unmatched"), status[0])
+            self.metrics.observe_response(route_path(scope), status[0])
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         if self.key is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
+            if not hmac.compare_digest(bearer_token(given), self.key):
                 msg = "missing API key: send 'Authorization: Bearer KEY'" if not given else "incorrect API key"
                 await openai_error(401, msg, "authentication_error", code="invalid_api_key")(scope, receive, send)
                 return
@@ -263,6 +294,7 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(CancelOnDisconnect)  # outside the guard: it sees the cancellation (499)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,6 +33,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from mlsyskit.serve.disconnect import CancelOnDisconnect
+
 log = logging.getLogger("mlsyskit.router")
 
 DEFAULT_MAX_TOKENS = 128  # the router's work estimate when a request gives no max_tokens
@@ -358,6 +360,7 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             await router.stop()
 
     app = FastAPI(title="mlsyskit router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(CancelOnDisconnect)  # a client gone mid-request closes its upstream request
 
     def unavailable() -> JSONResponse:
         router.rejected_no_backend += 1
@@ -416,8 +419,14 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
         worst = max(good, key=lambda r: r.status_code)  # a 4xx from one replica is the answer
         return Response(worst.content, status_code=worst.status_code, media_type=worst.headers.get("content-type"))
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
-    async def v1(request: Request, rest: str) -> Response:
+    # One route per method: a route with several methods gives them one operation id, which
+    # FastAPI reports as "Duplicate Operation ID" whenever /openapi.json is built.
+    @app.get("/v1/{rest:path}")
+    async def v1_get(request: Request, rest: str) -> Response:
+        return await proxy(request, "/v1/" + rest)
+
+    @app.post("/v1/{rest:path}")
+    async def v1_post(request: Request, rest: str) -> Response:
         return await proxy(request, "/v1/" + rest)
 
     @app.post("/rag")
