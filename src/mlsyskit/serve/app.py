@@ -477,7 +477,7 @@ def create_app(
         bad = check_model(req.model)
         if bad is not None:
             return bad
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         try:
             ids = service.chat_prompt(messages)

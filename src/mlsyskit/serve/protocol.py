@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16  # choices per call: each one is a full request in the engine
 MAX_STOP = 16
@@ -116,23 +116,65 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str = "text"
-    text: str | None = None
+    type: Literal["text"] = "text"
+    text: str
 
 
 class ChatMessage(BaseModel):
+    """One message. Its content is a string or a list of ``{"type": "text", "text": ...}``
+    parts; anything the model cannot read (images, audio, files, tool turns) is refused with a
+    400 rather than silently dropped, which would answer a different question."""
+
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(description="system, user, assistant, ...")
-    content: str | list[TextPart] | None = None
+    role: str = Field(description="system, developer (read as system), user or assistant")
+    content: str | list[TextPart] | None = Field(None, description="a string or a list of text parts; null only on an assistant message")
+
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, v: str) -> str:
+        if v in ("tool", "function"):
+            raise ValueError(f"'{v}' messages are not supported: this server does not call tools")
+        if v not in ROLES:
+            raise ValueError(f"unknown role '{v}'; use one of {', '.join(ROLES)}")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_parts(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("content must be a string or a list of text parts")
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                what = f"type '{kind}'" if isinstance(kind, str) else "no 'type'"
+                raise ValueError(f"content part {i} has {what}; this server's model reads text only (parts of type 'text')")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} (type 'text') needs a 'text' string")
+        return v
+
+    @model_validator(mode="after")
+    def _check_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or text parts), got none")
+        return self
+
+    def template_role(self) -> str:
+        """The role as the chat template knows it."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content if p.type == "text")
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):

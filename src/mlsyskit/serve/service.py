@@ -244,12 +244,14 @@ class EngineService:
         return ids
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+        """Token ids of a conversation rendered with the model's chat template, ready for the reply.
+
+        The messages' text is encoded as text: a typed ``<|im_start|>`` or ``<|im_end|>`` stays
+        characters, never the special token, so a user cannot fake a system turn."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except UserError as e:
             raise RequestError(str(e), "messages") from None
-        ids = self.tokenizer.encode(text, add_bos=False)
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 f"the messages take {len(ids)} tokens but the model's context holds {self.max_model_len} "
