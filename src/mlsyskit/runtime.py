@@ -6,7 +6,12 @@ import argparse
 import ctypes
 import ctypes.util
 import functools
+import json
+import math
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -43,3 +48,37 @@ def add_progress_flag(p: argparse.ArgumentParser, what: str) -> None:
 def show_progress(flag: bool | None) -> bool:
     """The value of a ``--progress/--no-progress`` flag, the terminal deciding when not given."""
     return sys.stderr.isatty() if flag is None else flag
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+# Every JSON file and JSON line the commands write goes through json_dumps: NaN and +-Infinity
+# are not JSON (Python's json module writes them anyway, and strict parsers then reject the whole
+# file), so non-finite numbers become null.
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, tuples as lists and numpy values
+    (anything with ``tolist()``, e.g. arrays and numpy scalars) as plain Python values."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def json_dumps(obj: Any, *, indent: int | None = None, **kw: Any) -> str:
+    """``json.dumps`` that always produces valid JSON: NaN/Infinity become ``null``."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, **kw)
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """Write ``obj`` as a valid JSON file (see :func:`json_dumps`), atomically: a reader or a
+    killed writer never leaves a half-written file (temp file in the same folder + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json_dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)

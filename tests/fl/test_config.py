@@ -46,3 +46,17 @@ def test_json_round_trip(tmp_path):
     path.write_text("{broken")
     with pytest.raises(UserError, match="cannot read run config"):
         FLConfig.from_json(path)
+
+
+@pytest.mark.parametrize("strategy", ["krum", "multi-krum"])
+def test_krum_needs_more_than_2f_plus_2_clients_a_round(strategy):
+    with pytest.raises(UserError, match=r"--krum-f 50 needs more than 2f \+ 2 = 102 clients a round, but a round samples 10; use --krum-f 3 or less"):
+        FLConfig(strategy=strategy, krum_f=50, clients=100, fraction=0.1).resolved()
+    FLConfig(strategy=strategy, krum_f=3, clients=100, fraction=0.1).resolved()  # 10 > 8
+    with pytest.raises(UserError, match="at least 3 clients"):
+        FLConfig(strategy=strategy, krum_f=0, clients=20, fraction=0.1).resolved()
+
+
+def test_max_update_norm_must_be_positive():
+    with pytest.raises(UserError, match="--max-update-norm"):
+        FLConfig(max_update_norm=0.0).resolved()

@@ -37,3 +37,29 @@ def test_new_run_dir_refuses_an_existing_run(tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         rundir.new_run_dir(tmp_path / "a")
     assert json.loads((tmp_path / "a" / rundir.CONFIG).read_text()) == {"x": 1}
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN/Infinity, as strict parsers (JavaScript, jq, Go) do."""
+    def bad(name):
+        raise ValueError(f"invalid JSON constant {name}")
+    return json.loads(text, parse_constant=bad)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    row = {"round": 1, "test_loss": float("nan"), "train_loss": float("inf"), "x": [float("-inf"), 2.5]}
+    rundir.write_json(tmp_path / "s.json", row)
+    rundir.append_metrics(tmp_path, row)
+    rundir.rewrite_metrics(tmp_path, [row, row])
+    want = {"round": 1, "test_loss": None, "train_loss": None, "x": [None, 2.5]}
+    assert _strict_json((tmp_path / "s.json").read_text()) == want
+    assert [_strict_json(line) for line in (tmp_path / rundir.METRICS).read_text().splitlines()] == [want, want]
+
+
+def test_accuracy_plot_has_whole_round_ticks():
+    rows = [{"round": 1, "test_accuracy": 0.5}, {"round": 2, "test_accuracy": 0.7}]
+    fig = rundir.accuracy_figure(rows, "two rounds")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -170,3 +170,46 @@ def test_resume_refuses_data_that_split_differently(tmp_path, data_dir, monkeypa
         shutil.copy(data_dir / "mnist" / f, tmp_path / "cache" / "mnist" / f)
     with pytest.raises(UserError, match="split differently"):  # now it would train on 5,000
         resume(tmp_path / "h", progress=False)
+
+
+def _strict_json(text):
+    def bad(name):
+        raise ValueError(f"invalid JSON constant {name}")
+    return json.loads(text, parse_constant=bad)
+
+
+def test_huge_scale_attack_is_not_committed_and_a_stalled_run_stops(tmp_path, data_dir):
+    # issue 19 item 10, as a user runs it: 30% of clients scale their update by 1e38
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale"
+    args = ["fedavg", "--model", "mlp", "--local-epochs", "1", "--rounds", "6", "--malicious", "6",
+            "--clients", "20", "--fraction", "0.5", "--batch-size", "20", "--attack", "scale",
+            "--attack-scale", "1e38", "--threads", "1", "--quiet", "--out", str(out)]
+    if data_dir:
+        args += ["--data-dir", str(data_dir)]
+    r = subprocess.run([sys.executable, "-m", "mlsyskit.cli", *args], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlsyskit fedavg: error: stopped after round 3: no client update was committed in the last 3 rounds"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert "aggregate not committed (its step has norm" in r.stderr
+    rows = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert all(len(row["rejected"]) == row["clients"] == 10 for row in rows)
+    assert len({row["test_accuracy"] for row in rows}) == 1  # the initial model, never replaced
+    for name in ("config.json", "partition.json", "summary.json"):
+        _strict_json((out / name).read_text())  # valid JSON: no NaN / Infinity
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["stopped_early"].startswith("stopped after round 3") and summary["rounds_run"] == 3
+
+
+def test_update_norm_bound_defeats_the_huge_scale_attack(tmp_path, data_dir):
+    kw = dict(model="mlp", malicious=6, attack="scale", attack_scale=1e38, rounds=3)
+    summary = run(_cfg(tmp_path, "clip", data_dir, max_update_norm=1.0, **kw), progress=False)
+    rows = _rows(tmp_path / "clip")
+    assert all(row["rejected"] == [] for row in rows)  # clipped, so every update is usable
+    assert summary["final_accuracy"] > 0.7 and summary["stopped_early"] is None

@@ -59,6 +59,12 @@ def test_build_then_search_prints_json_lines(tmp_path, capsys):
     (lambda p: None, ["build", "--base", "{p}/base.npy", "--out", "{p}/x", "--nlist", "5000"], "at least nlist=5000"),
     (lambda p: None, ["build", "--base", "{p}/base.npy", "--out", "/proc/nope/x", "--nlist", "4"], "cannot write index file"),
     (lambda p: None, ["build", "--base", "{p}/base.npy", "--out", "{p}/x", "--pq", "3"], "multiple of m=3"),
+    (lambda p: None, ["build", "--base", "{p}/base.npy", "--out", "{p}/x", "--nlist", "0"], "--nlist must be at least 1, got 0"),
+    (lambda p: None, ["bench", "--nlist", "-1"], "--nlist must be at least 1, got -1"),
+    (lambda p: np.save(p / "empty.npy", np.zeros((0, 8), np.float32)),
+     ["search", "--base", "{p}/empty.npy", "--queries", "{p}/q.npy"], "empty.npy) holds no vectors (shape (0, 8))"),
+    (lambda p: np.save(p / "empty.npy", np.zeros((0, 8), np.float32)),
+     ["build", "--base", "{p}/empty.npy", "--out", "{p}/x"], "holds no vectors"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, args, needle):
     _files(tmp_path)
@@ -101,3 +107,26 @@ def test_missing_action_is_an_argparse_error():
     with pytest.raises(SystemExit) as e:
         main(["vector"])
     assert e.value.code == 2
+
+
+def test_padded_results_print_valid_json(tmp_path):
+    """Fewer than k vectors in the probed list: ids padded with -1, distances null (not Infinity)."""
+    _files(tmp_path, n=40, d=4)
+    ix = str(tmp_path / "ix")
+    assert main(["vector", "build", "--base", str(tmp_path / "base.npy"), "--out", ix, "--nlist", "8"]) == 0
+    run = [sys.executable, "-m", "mlsyskit.cli", "vector"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*run, "search", "--index", ix, "--queries", str(tmp_path / "q.npy"), "--k", "30",
+                        "--nprobe", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+    def strict(name):
+        raise ValueError(f"invalid JSON constant {name}")
+
+    lines = [json.loads(line, parse_constant=strict) for line in r.stdout.splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        padded = [i for i, x in enumerate(line["ids"]) if x == -1]
+        assert padded, line  # one list of 8 cannot hold 30 neighbours
+        assert all(line["distances"][i] is None for i in padded)
+        assert all(d is not None for i, d in enumerate(line["distances"]) if i not in padded)

@@ -40,7 +40,8 @@ class FLConfig:
     server_lr: float | None = _f(None, "server learning rate for fedavgm/fedadam/fedyogi/fedadagrad (default 1.0 for fedavgm, 0.01 for the adaptive ones)")
     server_momentum: float = _f(0.9, "server momentum for fedavgm")
     trim_ratio: float = _f(0.1, "fraction trimmed from each end per coordinate by trimmed-mean, in [0, 0.5)")
-    krum_f: int = _f(1, "Byzantine clients tolerated by krum/multi-krum")
+    krum_f: int = _f(1, "Byzantine clients tolerated by krum/multi-krum (needs more than 2f + 2 clients a round)")
+    max_update_norm: float | None = _f(None, "clip each client's update (its model minus the global model) to this L2 norm before aggregation, as in DP-FedAvg; bounds what one client can move the model", metavar="C")
     malicious: int = _f(0, "number of malicious clients (a fixed, seeded subset)")
     attack: str = _f("sign-flip", "what malicious clients send: sign-flip, scale, noise, label-flip, nan")
     attack_scale: float = _f(10.0, "strength of sign-flip (-s * update), scale (s * update) and noise (std s * update std)")
@@ -103,6 +104,10 @@ class FLConfig:
         need(0 <= self.server_momentum < 1, f"--server-momentum must be in [0, 1) (got {self.server_momentum})")
         need(0 <= self.trim_ratio < 0.5, f"--trim-ratio must be in [0, 0.5) (got {self.trim_ratio})")
         need(self.krum_f >= 0, f"--krum-f must be >= 0 (got {self.krum_f})")
+        need(
+            self.max_update_norm is None or 0 < self.max_update_norm < float("inf"),
+            f"--max-update-norm must be positive and finite (got {self.max_update_norm})",
+        )
         need(self.malicious >= 0, f"--malicious must be >= 0 (got {self.malicious})")
         need(
             self.clients is None or self.malicious <= self.clients,
@@ -118,6 +123,11 @@ class FLConfig:
         need(self.parallel_clients >= 1, f"--parallel-clients must be at least 1 (got {self.parallel_clients})")
         need(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
+        if self.clients is not None:  # else known once the data are split (checked again there)
+            from mlsyskit.fl.strategies import StrategyOptions, make_strategy
+
+            strategy = make_strategy(self.strategy, StrategyOptions(krum_f=self.krum_f))
+            strategy.check_round_size(strategy.clients_per_round(self.clients, self.fraction))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlsyskit.errors import UserError
+from mlsyskit.runtime import json_dumps
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -32,7 +33,8 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    """Valid JSON (NaN/Infinity written as null), atomically."""
+    _atomic_write(path, lambda p: p.write_text(json_dumps(obj, indent=2) + "\n"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def new_run_dir(path: Path) -> Path:
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
     with open(path / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -89,7 +91,7 @@ def read_metrics(path: Path, upto_round: int | None = None) -> list[dict[str, An
 
 
 def rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json_dumps(r) + "\n" for r in rows)
     _atomic_write(path / METRICS, lambda p: p.write_text(text))
 
 
@@ -115,20 +117,31 @@ def load_checkpoint(path: Path) -> tuple[int, torch.Tensor, dict[str, torch.Tens
     return rnd, tensors["global"], state
 
 
-def plot_accuracy(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+def accuracy_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The matplotlib figure of accuracy.png: test accuracy per evaluated round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     pts = [(r["round"], r["test_accuracy"]) for r in rows if r.get("test_accuracy") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if pts:
         ax.plot(*zip(*pts, strict=True), marker=".")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Write accuracy.png (see :func:`accuracy_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(rows, title)
     _atomic_write(path / PLOT, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

@@ -2,7 +2,9 @@
 
 Data are loaded once as tensors; clients are index arrays into them. Each round the
 strategy samples clients, they train locally (vectorized or sequentially), attacks and
-dropout are applied, non-finite updates are rejected, and the strategy aggregates.
+dropout are applied, non-finite updates are rejected, updates are clipped (when asked), and the
+strategy aggregates; an aggregate that is not finite or whose step jumps by orders of magnitude
+is not committed, and a run that commits nothing for STALL_ROUNDS rounds in a row stops.
 Every source of randomness is derived from (seed, round, client), so a resumed run
 follows exactly the trajectory of an uninterrupted one.
 """
@@ -39,6 +41,14 @@ from mlsyskit.fl.strategies import Strategy, StrategyOptions, make_strategy
 from mlsyskit.models import build_model
 from mlsyskit.runtime import keep_freed_memory
 
+# An aggregate step longer than this many times max(|global model|, smallest client update) is
+# not committed: honest rounds move the model by a fraction of its norm (server momentum and
+# adaptive steps by a few times a client's update), a scaled attack by orders of magnitude more.
+MAX_STEP_RATIO = 100.0
+# A run whose trained clients get nothing committed this many rounds in a row stops: the model
+# can no longer change.
+STALL_ROUNDS = 3
+
 
 @dataclass
 class Federation:
@@ -66,6 +76,7 @@ class RoundResult:
     rejected: list[int]
     train_loss: float | None
     train_s: float
+    note: str | None = None  # why nothing (or not everything) was committed, for the log
 
 
 def setup(cfg: FLConfig) -> Federation:
@@ -96,6 +107,8 @@ def setup(cfg: FLConfig) -> Federation:
         trim_ratio=cfg.trim_ratio,
         krum_f=cfg.krum_f,
     )
+    strategy = make_strategy(cfg.strategy, opts)
+    strategy.check_round_size(strategy.clients_per_round(len(parts), cfg.fraction))
     return Federation(
         cfg=cfg,
         data=data,
@@ -103,7 +116,7 @@ def setup(cfg: FLConfig) -> Federation:
         counts=np.array([len(p) for p in parts]),
         malicious=choose_malicious(len(parts), cfg.malicious, cfg.seed),
         model=model,
-        strategy=make_strategy(cfg.strategy, opts),
+        strategy=strategy,
         vectorized=supports and cfg.client_exec != "sequential",
     )
 
@@ -147,17 +160,27 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
             models[i] = poison(cfg.attack, models[i], global_w, cfg.attack_scale, gen)
     ok = finite_rows(models)
     rejected = active[~ok.numpy()].tolist()
+    note = f"rejected non-finite update(s) from client(s) {rejected}" if rejected else None
     weights = torch.from_numpy(fed.counts[active]).float()
     new_w = global_w
     if ok.any():
+        accepted = models[ok]
+        deltas = accepted.double() - global_w.double()  # float64: a 1e38-scaled update has a norm
+        norms = deltas.norm(dim=1)
+        if cfg.max_update_norm is not None:
+            factor = (cfg.max_update_norm / norms.clamp_min(1e-300)).clamp(max=1.0)
+            accepted = (global_w.double() + deltas * factor[:, None]).to(models.dtype)
         saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
-        new_w = fed.strategy.aggregate(global_w, models[ok], weights[ok])
-        if not torch.isfinite(new_w).all():
-            # Finite updates can still overflow when combined (huge scaled attacks, an
-            # adaptive server step): keep the old model and the old server state.
+        new_w = fed.strategy.aggregate(global_w, accepted, weights[ok])
+        why = _uncommittable(global_w, new_w, norms)
+        if why:
+            # Finite updates can still overflow when combined, or move the model by orders of
+            # magnitude (huge scaled attacks, an adaptive server step): keep the old model and
+            # the old server state.
             fed.strategy.load_state_dict(saved)
             new_w = global_w
             rejected = active.tolist()
+            note = f"aggregate not committed ({why}); the model stays as it was"
     finite_loss = losses[torch.isfinite(losses)]
     return RoundResult(
         global_w=new_w,
@@ -166,7 +189,23 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
         rejected=rejected,
         train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
         train_s=train_s,
+        note=note,
     )
+
+
+def _uncommittable(global_w: torch.Tensor, new_w: torch.Tensor, client_norms: torch.Tensor) -> str | None:
+    """Why the aggregate ``new_w`` must not replace ``global_w`` (None if it may)."""
+    if not torch.isfinite(new_w).all():
+        return "it is not finite"
+    step = float((new_w.double() - global_w.double()).norm())
+    # the smallest update, not the median: scaled attackers may be most of the round
+    ref = max(float(global_w.double().norm()), float(client_norms.min()))
+    if step > MAX_STEP_RATIO * ref:
+        return (
+            f"its step has norm {step:.3g}, more than {MAX_STEP_RATIO:g}x "
+            f"max(model norm, smallest client update norm) = {ref:.3g}"
+        )
+    return None
 
 
 def default_out(cfg: FLConfig) -> Path:
@@ -260,6 +299,7 @@ def _loop(
     bar = tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.strategy} {cfg.dataset}", unit="round", file=sys.stderr, disable=not progress)
     reached = next((r["round"] for r in rows if cfg.target_accuracy and (r.get("test_accuracy") or 0) >= cfg.target_accuracy), None)
     rnd = start
+    stalled = 0
     for rnd in range(start + 1, cfg.rounds + 1):
         if reached is not None:
             break
@@ -280,10 +320,25 @@ def _loop(
             train_s=round(res.train_s, 4),
             wall_s=round(time.perf_counter() - t0, 4),
         )
-        if res.rejected:
-            tqdm.write(f"round {rnd}: rejected non-finite update(s) from client(s) {res.rejected}", file=sys.stderr)
+        if res.note:
+            tqdm.write(f"round {rnd}: {res.note}", file=sys.stderr)
         rundir.append_metrics(out, row)
         rows.append(row)
+        # trained clients but nothing committed: the model did not change this round
+        if res.trained:
+            stalled = stalled + 1 if len(res.rejected) == len(res.trained) else 0
+        if stalled >= STALL_ROUNDS:
+            bar.close()
+            rundir.save_checkpoint(out, rnd, global_w, fed.strategy.state_dict())
+            why = (
+                f"stopped after round {rnd}: no client update was committed in the last {stalled} rounds "
+                "(see the rejected column of metrics.jsonl), so the model cannot change"
+            )
+            finish(fed, out, rows, global_w, reached, stopped=why)
+            raise UserError(
+                f"{why}; a robust --strategy (median, trimmed-mean, krum) or --max-update-norm "
+                f"limits malicious updates; outputs so far in {out}/"
+            )
         if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
             rundir.save_checkpoint(out, rnd, global_w, fed.strategy.state_dict())
         if row["test_accuracy"] is not None:
@@ -299,8 +354,10 @@ def _loop(
     return finish(fed, out, rows, global_w, reached)
 
 
-def finish(fed: Federation, out: Path, rows: list[dict[str, Any]], global_w: torch.Tensor, reached: int | None) -> dict[str, Any]:
-    """Write the final model, summary.json and accuracy.png."""
+def finish(
+    fed: Federation, out: Path, rows: list[dict[str, Any]], global_w: torch.Tensor, reached: int | None, stopped: str | None = None
+) -> dict[str, Any]:
+    """Write the final model, summary.json and accuracy.png (``stopped``: why the run ended early)."""
     cfg = fed.cfg
     set_flat(fed.model, global_w)
     rundir.save_tensors(out / rundir.MODEL, dict(fed.model.state_dict()), {"model": cfg.model, "dataset": cfg.dataset})
@@ -327,6 +384,7 @@ def finish(fed: Federation, out: Path, rows: list[dict[str, Any]], global_w: tor
         "mean_round_s": float(np.mean([r["wall_s"] for r in rows])) if rows else None,
         "mean_train_s": float(np.mean([r["train_s"] for r in rows])) if rows else None,
         "rejected_updates": sum(len(r["rejected"]) for r in rows),
+        "stopped_early": stopped,
         "out": str(out),
     }
     rundir.write_json(out / rundir.SUMMARY, summary)

@@ -47,11 +47,20 @@ class Strategy:
     def __init__(self, opts: StrategyOptions | None = None) -> None:
         self.opts = opts or StrategyOptions()
 
+    @staticmethod
+    def clients_per_round(num_clients: int, fraction: float) -> int:
+        """m = max(round(C * N), 1): how many clients a round samples."""
+        return max(int(round(fraction * num_clients)), 1)
+
+    def check_round_size(self, per_round: int) -> None:
+        """Refuse (UserError) a configuration this rule cannot aggregate soundly with
+        ``per_round`` clients a round; every rule but Krum works with any number."""
+
     def configure_fit(
         self, num_clients: int, fraction: float, rng: np.random.Generator
     ) -> np.ndarray:
         """Sample m = max(round(C * N), 1) distinct clients, sorted."""
-        m = max(int(round(fraction * num_clients)), 1)
+        m = self.clients_per_round(num_clients, fraction)
         return np.sort(rng.choice(num_clients, size=m, replace=False))
 
     def fit_config(self) -> dict[str, float]:
@@ -211,6 +220,21 @@ class MultiKrum(Strategy):
 
     def keep(self, k: int) -> int:
         return self.opts.multi_krum_m or max(k - self.opts.krum_f, 1)
+
+    def check_round_size(self, per_round: int) -> None:
+        """Krum's guarantee needs n > 2f + 2 models a round (Blanchard et al. 2017)."""
+        f = self.opts.krum_f
+        if per_round > 2 * f + 2:
+            return
+        fix = (
+            f"use --krum-f {(per_round - 3) // 2} or less, or sample more clients a round"
+            if per_round >= 3
+            else "sample at least 3 clients a round (--fraction, --clients)"
+        )
+        raise UserError(
+            f"--strategy {self.name} with --krum-f {f} needs more than 2f + 2 = {2 * f + 2} "
+            f"clients a round, but a round samples {per_round}; {fix}"
+        )
 
     def aggregate(
         self, global_w: torch.Tensor, models: torch.Tensor, weights: torch.Tensor

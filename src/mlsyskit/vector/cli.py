@@ -7,10 +7,9 @@ vector modules are imported inside the handlers).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from mlsyskit.runtime import add_progress_flag, show_progress
+from mlsyskit.runtime import add_progress_flag, json_dumps, show_progress
 
 METRICS = ("l2", "cosine", "dot", "manhattan")
 BACKENDS = ("torch", "numpy", "triton")
@@ -43,6 +42,25 @@ def _save_npy(path: str, array: Any, what: str) -> None:
         raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
 
 
+def _nonempty(base: Any, path: str) -> Any:
+    from mlsyskit.errors import UserError
+
+    if base.shape[0] == 0:
+        raise UserError(f"base ({path}) holds no vectors (shape {tuple(base.shape)}); give a .npy with at least one row")
+    return base
+
+
+def _nlist(given: int | None, n: int) -> int:
+    """--nlist as given (at least 1), or the automatic choice when it was not given."""
+    from mlsyskit.errors import UserError
+
+    if given is None:
+        return _auto_nlist(n)
+    if given < 1:
+        raise UserError(f"--nlist must be at least 1, got {given} (leave it out for the automatic choice)")
+    return given
+
+
 def _auto_nlist(n: int) -> int:
     from mlsyskit.vector.compat import ann_parameters
 
@@ -56,8 +74,8 @@ def _build(args: argparse.Namespace) -> int:
     from mlsyskit.vector._validate import as_matrix
     from mlsyskit.vector.ivf import IVFIndex
 
-    base = as_matrix(_load_npy(args.base, "base"), f"base ({args.base})")
-    nlist = args.nlist or _auto_nlist(base.shape[0])
+    base = _nonempty(as_matrix(_load_npy(args.base, "base"), f"base ({args.base})"), args.base)
+    nlist = _nlist(args.nlist, base.shape[0])
     ids = _load_npy(args.ids, "ids") if args.ids else None
     if ids is not None and ids.shape != (base.shape[0],):
         raise UserError(f"ids ({args.ids}) has shape {ids.shape}; expected ({base.shape[0]},), one id per base row")
@@ -72,7 +90,7 @@ def _build(args: argparse.Namespace) -> int:
     index.add(base, ids)
     index.save(args.out)
     sizes = index.list_sizes()
-    print(json.dumps({
+    print(json_dumps({
         "index": args.out, "kind": index.kind, "ntotal": index.ntotal, "d": index.d, "nlist": nlist,
         "metric": index.metric, "kmeans_iterations": km.n_iter, "kmeans_converged": km.converged,
         "largest_list": int(sizes.max()), "empty_lists": int((sizes == 0).sum()),
@@ -101,7 +119,7 @@ def _search(args: argparse.Namespace) -> int:
     else:
         from mlsyskit.vector.exact_knn import knn
 
-        base = as_matrix(_load_npy(args.base, "base"), f"base ({args.base})")
+        base = _nonempty(as_matrix(_load_npy(args.base, "base"), f"base ({args.base})"), args.base)
         q = as_matrix(queries, f"queries ({args.queries})", allow_vector=True)
         if q.shape[1] != base.shape[1]:
             raise UserError(f"queries ({args.queries}) have {q.shape[1]} columns but the base has {base.shape[1]}")
@@ -110,11 +128,13 @@ def _search(args: argparse.Namespace) -> int:
         _save_npy(args.out, ids, "ids")
         if args.distances_out:
             _save_npy(args.distances_out, dist.astype(np.float32), "distances")
-        print(json.dumps({"queries": int(q.shape[0]), "k": args.k, "ids": args.out,
+        print(json_dumps({"queries": int(q.shape[0]), "k": args.k, "ids": args.out,
                           "distances": args.distances_out}))
         return 0
+    # a query with fewer than k neighbours in the probed lists is padded with id -1 at an infinite
+    # distance, written as null (JSON has no Infinity)
     for i in range(q.shape[0]):
-        print(json.dumps({"query": i, "ids": ids[i].tolist(),
+        print(json_dumps({"query": i, "ids": ids[i].tolist(),
                           "distances": [round(float(x), 6) for x in dist[i]]}))
     return 0
 
@@ -136,6 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
         nprobes = [int(p) for p in args.nprobe.split(",") if p.strip()]
     except ValueError:
         raise UserError(f"--nprobe takes comma-separated integers, got {args.nprobe!r}") from None
+    nlist = _nlist(args.nlist, args.n)
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((args.clusters, args.d), dtype=np.float32) * 2.0
 
@@ -156,7 +177,6 @@ def _bench(args: argparse.Namespace) -> int:
     if nq:
         (_, ids), secs = timed(lambda: knn(base, q[:nq], args.k, args.metric, backend="numpy"))
         rows.append({"system": f"numpy exact ({nq} queries)", "qps": nq / secs, "recall": recall_rate(exact[:nq], ids)})
-    nlist = args.nlist or _auto_nlist(args.n)
     index = IVFIndex(args.d, nlist, args.metric)
     _, train_s = timed(lambda: (index.train(base), index.add(base)))
     for p in nprobes:
@@ -187,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "nearest centroid and write the index (a documented, non-pickle format).")
     b.add_argument("--base", required=True, metavar="X.npy", help="base vectors, shape (N, D), float (required)")
     b.add_argument("--out", required=True, metavar="PATH", help="index file to write (required)")
-    b.add_argument("--nlist", type=int, default=None, help="number of lists (default: about sqrt(N), at least 39 vectors per list)")
+    b.add_argument("--nlist", type=int, default=None, help="number of lists, at least 1 (default: about sqrt(N), at least 39 vectors per list)")
     b.add_argument("--metric", choices=METRICS, default="l2", help="distance (default: l2)")
     b.add_argument("--ids", metavar="IDS.npy", default=None, help="int ids, one per base row (default: row numbers)")
     b.add_argument("--pq", type=int, default=None, metavar="M", help="compress the lists: product-quantize residuals into M codes a vector, D a multiple of M (IVFPQ; default: off, IVFFlat)")
@@ -206,7 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--base", metavar="X.npy", help="a raw base (N, D) .npy: exact search")
     s.add_argument("--queries", required=True, metavar="Q.npy", help="queries, shape (Q, D) or (D,) (required)")
     s.add_argument("--k", type=int, default=10, help="neighbours per query (default: 10)")
-    s.add_argument("--nprobe", type=int, default=8, help="lists probed per query with --index, capped at nlist (default: 8)")
+    s.add_argument("--nprobe", type=int, default=8, help="lists probed per query with --index, capped at nlist; a query whose probed lists hold fewer than k vectors is padded with id -1 and distance null (default: 8)")
     s.add_argument("--metric", choices=METRICS, default=None, help="distance for --base (default: l2; an index keeps its own)")
     s.add_argument("--backend", choices=BACKENDS, default="torch", help="compute back end (default: torch)")
     s.add_argument("--out", metavar="IDS.npy", default=None, help="write the (Q, k) int64 ids here instead of printing (default: print JSON lines)")
