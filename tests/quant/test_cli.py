@@ -102,3 +102,27 @@ def test_help_gives_every_flag_a_default(command: str, capsys: pytest.CaptureFix
 def test_quantized_dir_refuses_bfloat16(awq_dir: Path, sample_text_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["perplexity", "--model", str(awq_dir), "--text", str(sample_text_file), "--dtype", "bfloat16"]) == 2
     assert "computes in float32" in capsys.readouterr().err
+
+
+def test_quantization_of_a_quantized_dir_is_refused(awq_dir: Path, sample_text_file: Path, capsys: pytest.CaptureFixture) -> None:
+    # issue 19 item 14: --quantization int8 on a quantized directory was silently ignored
+    assert main(["perplexity", "--model", str(awq_dir), "--text", str(sample_text_file), "--quantization", "int8",
+                 "--max-tokens", "50", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is already quantized; leave out --quantization" in err[0], err
+    r = _run("generate", "--model", str(awq_dir), "--quantization", "int8", "--prompt", "Hello",
+             "--max-tokens", "2", "--threads", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"mlsyskit generate: error: {awq_dir} is already quantized; "
+                                             "leave out --quantization (quantization=) or quantize the original model"]
+    assert main(["quantize", "--model", str(awq_dir), "--out", str(awq_dir.parent / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_quantize_help_does_not_offer_a_quantized_dir(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    model_help = text[text.index("--model PATH the model"):text.index("--out DIR the directory")]
+    assert "a .gguf file or a Hugging Face directory" in model_help
+    assert "or a quantized directory" not in model_help and "not a directory `mlsyskit quantize` wrote" in model_help

