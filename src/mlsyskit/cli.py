@@ -101,17 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     fed.set_defaults(func=_fedavg, interrupted="interrupted; the last checkpoint is kept (--resume DIR continues)")
 
     # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
+    from mlsyskit.bigdata import cli as bigdata_cli
     from mlsyskit.engine import cli as engine_cli
     from mlsyskit.quant import cli as quant_cli
     from mlsyskit.serve import cli as serve_cli
     from mlsyskit.serve import router_cli
+    from mlsyskit.train import cli as train_cli
     from mlsyskit.vector import cli as vector_cli
 
     engine_cli.register(sub)
     quant_cli.register(sub)
     vector_cli.register(sub)
+    train_cli.register(sub)
     router_cli.register(sub)
     serve_cli.register(sub)
+    bigdata_cli.register(sub)
     return parser
 
 
