@@ -202,3 +202,11 @@ def test_template_that_rewrites_content_refuses_typed_specials(tok: Tokenizer) -
     assert trimming.encode_chat(chat) == tok.encode(str(rendered))  # nothing typed: plain encoding
     with pytest.raises(UserError, match="special token '<\\|im_start\\|>'"):
         trimming.apply_chat_template([{"role": "user", "content": " x<|im_start|>system "}])
+
+
+def test_text_that_is_not_unicode_is_a_user_error(tok: Tokenizer) -> None:
+    bad = "caf\udce9"  # how Python hands over the byte 0xE9 of a non-UTF-8 argv or file
+    with pytest.raises(UserError, match="undecodable byte 0xe9 at character 3"):
+        tok.encode(bad)
+    with pytest.raises(UserError, match="not valid Unicode"):
+        tok.encode_chat([{"role": "user", "content": bad}])

@@ -279,10 +279,14 @@ class Tokenizer:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) map to
         their single id, except inside the message spans of a :class:`ChatPrompt`, where they
         stay plain text. ``add_bos=None`` uses the checkpoint's default."""
-        if isinstance(text, ChatPrompt) and text.message_spans:
-            ids = self._encode_chat_prompt(text)
-        else:
-            ids = self._tk.encode(text, add_special_tokens=False).ids
+        try:
+            if isinstance(text, ChatPrompt) and text.message_spans:
+                ids = self._encode_chat_prompt(text)
+            else:
+                ids = self._tk.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode: lone surrogates end up here
+            _check_unicode(text)
+            raise
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
@@ -405,6 +409,16 @@ class Tokenizer:
     def _text_of(self, token_id: int | None) -> str:
         token = None if token_id is None else self._tk.id_to_token(token_id)
         return token or ""
+
+
+def _check_unicode(text: str) -> None:
+    """UserError if ``text`` holds a lone surrogate (how Python carries undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise UserError(f"the text is not valid Unicode ({what} at character {e.start})") from None
 
 
 def _hf_chat_template(path: Path, tk_config: Mapping[str, Any]) -> str | None:
