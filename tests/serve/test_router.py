@@ -76,11 +76,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_router(backends: list[str], log: Path, wait: bool = True) -> tuple[str, subprocess.Popen]:
-    """`mlsyskit router` as a user runs it; returns its URL once /health answers (any status
-    unless `wait`: then 200, a live backend)."""
+def start_router(backends: list[str], log: Path, wait: bool = True, extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
+    """`mlsyskit router` as a user runs it (plus `extra` flags); returns its URL once /health
+    answers (any status unless `wait`: then 200, a live backend)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlsyskit", "router", "--backends", *backends, "--port", str(port), "--health-interval", "0.2"]
+    cmd = [sys.executable, "-m", "mlsyskit", "router", "--backends", *backends, "--port", str(port), "--health-interval", "0.2", *extra]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -259,6 +259,31 @@ def test_openapi_has_no_duplicate_operation_ids(cluster) -> None:
     ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
     assert len(ids) == len(set(ids)), ids
     assert "Duplicate Operation ID" not in (cluster["folder"] / "router.log").read_text()
+
+
+def test_router_sigterm_past_its_drain_timeout_ends_streams_cleanly(cluster) -> None:
+    """A second router with --drain-timeout 0: SIGTERM mid-stream ends the relayed stream with an
+    error event and [DONE] (not a cut connection), closes the upstream request (the replica
+    aborts it) and exits 0."""
+    model, folder = cluster["model"], cluster["folder"]
+    router, proc = start_router([cluster["a"], cluster["b"]], folder / "router_drain.log", extra=("--drain-timeout", "0"))
+    before = {url: httpx.get(url + "/health", timeout=10).json() for url in (cluster["a"], cluster["b"])}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", router + "/v1/chat/completions", json=chat(model, "Tell me everything.", max_tokens=220, stream=True), timeout=60) as r:
+        backend = r.headers["x-mlsyskit-backend"]
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {") and "content" in line)
+        proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data:")]
+    print(f"stream read in {time.perf_counter() - t0:.2f}s")
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    assert json.loads(rest[-2][5:])["error"]["code"] == "aborted"
+    assert proc.wait(15) == 0
+    log = (folder / "router_drain.log").read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    wait_for(lambda: httpx.get(backend + "/health", timeout=10).json()["in_flight"] == 0, 30, "the replica to abort the request")
+    after = httpx.get(backend + "/health", timeout=10).json()
+    assert after["kv_blocks_used"] == 0 and after["requests_aborted"] == before[backend]["requests_aborted"] + 1, after
 
 
 def test_killing_a_replica_under_load_loses_no_request(cluster, tiny_llama_dir) -> None:

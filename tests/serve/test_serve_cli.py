@@ -4,6 +4,7 @@ key from the environment, and graceful shutdown on SIGTERM with requests in flig
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -128,3 +129,78 @@ def test_rag_key_from_env_and_graceful_sigterm(launch_server, tmp_path):
     assert len(long_events) > 2  # it streamed text before it was cut
     with pytest.raises(httpx.ConnectError):  # nothing listens any more
         httpx.get(f"{url}/health", timeout=5)
+
+
+def test_sigterm_drain_is_visible_then_streams_end_cleanly(launch_server, tmp_path):
+    """While it drains, the server still listens: /health and new requests get a real 503; at
+    the --drain-timeout deadline the open stream ends with an error event and [DONE]; exit 0."""
+    url = launch_server(tmp_path / "server.log", drain_timeout=2)
+    long = {"model": url.model, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 480, "temperature": 0, "stream": True}
+    result: dict = {}
+    started = threading.Event()
+    t = threading.Thread(target=_stream, args=(url, long, {}, result, started))
+    try:
+        t.start()
+        assert started.wait(60)
+        t0 = time.perf_counter()
+        url.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining", health.text
+        new = httpx.post(f"{url}/v1/completions", json={**long, "stream": False, "max_tokens": 2}, timeout=5)
+        assert new.status_code == 503 and new.json()["error"]["code"] == "unavailable", new.text
+        assert int(new.headers["Retry-After"]) >= 1
+        code = url.proc.wait(30)
+        elapsed = time.perf_counter() - t0
+        t.join(30)
+    finally:
+        if url.proc.poll() is None:
+            url.proc.kill()
+    log = url.log_text()
+    assert code == 0 and "Traceback" not in log and "server stopped" in log, log
+    assert elapsed < 2 + 8, elapsed  # the drain deadline plus the shutdown itself
+    assert result.get("status") == 200 and "error" not in result, result
+    assert result["events"][-1] == "[DONE]"
+    assert json.loads(result["events"][-2])["error"]["code"] == "aborted"
+    with pytest.raises(httpx.ConnectError):  # closed once drained
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def test_replicas_sigterm_during_a_stream_drains_and_exits_0(launch_server, tmp_path):
+    """`serve --replicas 2`: SIGTERM mid-stream. The router keeps listening while it drains (503s),
+    the workers drain on their own --drain-timeout, the stream ends with an error event and
+    [DONE] (not a cut connection), and everything exits 0 within seconds, no traceback, no SIGKILL."""
+    url = launch_server(tmp_path / "replicas.log", replicas=2, drain_timeout=2)
+    long = {"model": url.model, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 480, "temperature": 0, "stream": True}
+    result: dict = {}
+    started = threading.Event()
+    t = threading.Thread(target=_stream, args=(url, long, {}, result, started))
+    try:
+        t.start()
+        assert started.wait(60)
+        t0 = time.perf_counter()
+        url.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining", health.text
+        new = httpx.post(f"{url}/v1/completions", json={**long, "stream": False, "max_tokens": 2}, timeout=5)
+        assert new.status_code == 503 and new.json()["error"]["code"] == "shutting_down", new.text
+        code = url.proc.wait(60)
+        elapsed = time.perf_counter() - t0
+        t.join(30)
+    finally:
+        if url.proc.poll() is None:
+            url.proc.kill()
+    log = url.log_text()
+    assert code == 0, log
+    assert elapsed < 2 + 10, (elapsed, log)
+    for bad in ("Traceback", "CancelledError", "SIGKILL", "graceful shutdown exceeded"):
+        assert bad not in log, log
+    assert result.get("status") == 200 and "error" not in result, result  # never a cut connection
+    assert result["events"][-1] == "[DONE]"
+    assert json.loads(result["events"][-2])["error"]["code"] == "aborted"
+    ports = re.findall(r"replica \d+ ready on http://127.0.0.1:(\d+)", log)
+    assert len(ports) == 2 and "server stopped" in log
+    for p in (*ports, url.rsplit(":", 1)[1]):  # no worker outlives the server
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{p}/health", timeout=5)

@@ -105,47 +105,21 @@ def run_server(
 ) -> None:
     """Run uvicorn on ``sock`` until SIGINT/SIGTERM; call ``on_ready`` once it accepts.
 
-    Shutdown is graceful: the listening socket closes, ``service`` (an EngineService) stops
-    accepting, in-flight requests get ``drain_timeout`` seconds to finish, then the rest are
-    aborted so that their responses still end cleanly (an error event and ``[DONE]`` for a
-    stream, a 503 JSON error otherwise) before the connections close.
+    Shutdown is graceful (:class:`mlsyskit.serve.graceful.GracefulServer`): the socket stays
+    open while ``service`` (an EngineService) drains, so new requests get 503 and /health answers
+    503; in-flight requests get ``drain_timeout`` seconds to finish, then the rest are aborted so
+    that their responses still end cleanly (an error event and ``[DONE]`` for a stream, a 503
+    JSON error otherwise); then the socket and the connections close.
     """
-    import asyncio
-
     import uvicorn
 
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started and not self.should_exit:
-                on_ready()
+    from mlsyskit.serve.graceful import GracefulServer
 
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            timer = None
-            if service is not None:
-                service.drain()
-                timer = asyncio.get_running_loop().call_later(drain_timeout, service.abort_all)
-            try:
-                await super().shutdown(sockets)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal after shutting down, which would make the exit status
-            # 128+N; the shutdown was graceful, so exit 0 instead.
-            self._captured_signals.clear()
-
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=log_level in ("info", "debug"),
-        # uvicorn's own deadline cancels handlers mid-response: only a backstop behind ours
-        timeout_graceful_shutdown=drain_timeout + 10,
-        lifespan="on",
-    )
-    server = _Server(config)
+    config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"), lifespan="on")
+    hooks: dict[str, Any] = {}
+    if service is not None:
+        hooks = {"drain": service.drain, "idle": lambda: service.in_flight == 0, "abort": service.abort_all}
+    server = GracefulServer(config, drain_timeout=drain_timeout, on_ready=on_ready, **hooks)
     server.run(sockets=[sock])
     if not server.started:
         raise UserError("the server failed to start (see the log above)")

@@ -46,6 +46,7 @@ log = logging.getLogger("mlsyskit.replicas")
 
 READY_TIMEOUT_S = 300.0  # a replica that is not healthy by then is stopped and reported
 STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
+ROUTER_DRAIN_MARGIN_S = 5.0  # at shutdown, the router's deadline is the workers' plus this
 # serve flags that belong to this process, not to the workers
 # (the API key goes to the workers through the environment: a command line is visible in `ps`)
 _OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help"}
@@ -116,6 +117,7 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
     ready_s: float | None = None  # cold start: process start -> healthy
     stopping: bool = False
+    terminated: bool = False  # SIGTERM sent
 
     @property
     def url(self) -> str:
@@ -197,8 +199,7 @@ class ReplicaManager:
     async def _terminate(self, w: Worker) -> None:
         """SIGTERM (the worker finishes or aborts its requests and exits), SIGKILL after a timeout."""
         if w.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                w.proc.send_signal(signal.SIGTERM)
+            self._sigterm(w)
             loop = asyncio.get_running_loop()
             try:
                 await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), STOP_TIMEOUT_S)
@@ -206,6 +207,24 @@ class ReplicaManager:
                 log.error("replica %d did not stop within %.0f s: SIGKILL", w.index, STOP_TIMEOUT_S)
                 w.proc.kill()
                 await loop.run_in_executor(None, w.proc.wait)
+
+    @staticmethod
+    def _sigterm(w: Worker) -> None:
+        if not w.terminated and w.proc.poll() is None:
+            w.terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGTERM)
+
+    def begin_stop(self) -> None:
+        """Shutdown starts: no more scaling or replacing, and every worker gets SIGTERM now, so
+        each drains on its own clock (its --drain-timeout) while the router relays the ends of
+        the answers in flight: finished, or an error event and [DONE] at the deadline."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        for w in list(self.workers.values()):
+            w.stopping = True
+            self._sigterm(w)
 
     async def stop_worker(self, w: Worker, drain: bool = True) -> None:
         """Drain (leave rotation, wait for in-flight requests), then terminate."""
@@ -227,9 +246,8 @@ class ReplicaManager:
 
     async def close(self) -> None:
         """Stop every worker (the router has already stopped accepting and let requests finish)."""
-        self._closing = True
+        self.begin_stop()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await asyncio.gather(*(self.stop_worker(w, drain=True) for w in list(self.workers.values())))
@@ -348,7 +366,7 @@ def serve_replicated(args: argparse.Namespace) -> int:
     until SIGINT/SIGTERM; 0 after a graceful stop, 1 if no replica could start."""
     import uvicorn
 
-    from mlsyskit.serve.router import _quiet_signals
+    from mlsyskit.serve.graceful import GracefulServer
 
     autoscale = getattr(args, "autoscale", None)
     replicas = getattr(args, "replicas", None) or 1
@@ -398,10 +416,20 @@ def serve_replicated(args: argparse.Namespace) -> int:
 
     app = build_app(router, lifespan_hooks=(start, manager.close))
     log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, shown, bound_port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
+
+    def drain() -> None:
+        router.begin_drain()
+        manager.begin_stop()
+
+    # The workers end their own answers at --drain-timeout (cleanly, with [DONE]); the router
+    # cuts what is still open a little later, should a worker not manage to.
+    drain_timeout = float(getattr(args, "drain_timeout", 30.0)) + ROUTER_DRAIN_MARGIN_S
+    server = GracefulServer(
+        uvicorn.Config(app, log_level="warning"),
+        drain_timeout=drain_timeout, drain=drain, idle=lambda: router.in_flight == 0, abort=router.abort_all,
+    )
     try:
-        with _quiet_signals():
-            server.run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
     if failed:

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -150,6 +151,8 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self.on_health: list[Callable[[], Awaitable[None]]] = []  # hooks run after each health pass
         self.extra_metrics: Callable[[], str] | None = None  # text appended to /metrics
+        self.stopping = False  # shutting down: new requests get 503, nothing is retried
+        self._waits: set[anyio.CancelScope] = set()  # the upstream waits abort_all() cancels
 
     # -- pool -------------------------------------------------------------------------------
     def add_backend(self, url: str) -> Backend:
@@ -212,6 +215,34 @@ class Router:
                 await self._health_task
         if self._client is not None:
             await self._client.aclose()
+
+    def begin_drain(self) -> None:
+        """Shutdown starts: new requests get 503 and /health answers 503; the requests in flight
+        go on. Health checks stop (draining backends answer 503 and are not dead)."""
+        self.stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests forwarded and not yet relayed to the end, over every backend."""
+        return sum(b.in_flight for b in self.backends.values())
+
+    def abort_all(self) -> None:
+        """End every request in flight now: a plain one gets a 503, a stream an error event and
+        ``[DONE]``; their upstream requests are closed (so the backends abort them too)."""
+        for scope in list(self._waits):
+            scope.cancel()
+
+    async def wait_upstream(self, aw: Awaitable[Any]) -> tuple[bool, Any]:
+        """``(True, result)`` of ``aw``, or ``(False, None)`` if abort_all() cut the wait."""
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                return True, await aw
+            finally:
+                self._waits.discard(scope)
+        return False, None
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -307,7 +338,7 @@ class Router:
         try:
             req = self._client.build_request(method, b.url + path, content=body, headers=headers)
             resp = await self._client.send(req, stream=True)
-            if resp.status_code >= 500:
+            if resp.status_code >= 500 and not self.stopping:  # stopping: the answer is final
                 self.mark_dead(b, f"HTTP {resp.status_code}")
                 await _close(resp)
                 release()
@@ -331,8 +362,8 @@ class Router:
             release()
             if resp is not None:
                 await _close(resp)
-            if isinstance(e, httpx.TimeoutException):
-                raise  # slow, not dead: the client gets a 504
+            if isinstance(e, httpx.TimeoutException) or self.stopping:
+                raise  # slow, not dead: the client gets a 504 (stopping: a 502)
             # refused, reset, closed before the answer: out of rotation, retried elsewhere
             self.mark_dead(b, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return None
@@ -362,7 +393,15 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
     app = FastAPI(title="mlsyskit router", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(CancelOnDisconnect)  # a client gone mid-request closes its upstream request
 
+    def shutting_down() -> JSONResponse:
+        return JSONResponse(
+            error_body("the server is shutting down; retry on another server", "service_unavailable", "shutting_down"),
+            status_code=503, headers={"Retry-After": "1"},
+        )
+
     def unavailable() -> JSONResponse:
+        if router.stopping:
+            return shutting_down()
         router.rejected_no_backend += 1
         return JSONResponse(
             error_body("no backend replica is available; retry later", "service_unavailable", "no_backend"),
@@ -376,9 +415,9 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        live = router.live()
+        live = [] if router.stopping else router.live()
         body = {
-            "status": "ok" if live else "unavailable",
+            "status": "draining" if router.stopping else ("ok" if live else "unavailable"),
             "live_backends": len(live),
             "backends": [b.snapshot() for b in router.backends.values()],
             "queue_depth": sum(_queue(b) for b in live),
@@ -403,7 +442,7 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASS_HEADERS}
         live = router.live()
-        if not live:
+        if not live or router.stopping:
             return unavailable()
 
         async def one(b: Backend) -> Any:
@@ -434,6 +473,8 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
         return await proxy(request, "/rag")
 
     async def proxy(request: Request, path: str) -> Response:
+        if router.stopping:
+            return shutting_down()
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return JSONResponse(error_body(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", "invalid_request_error", "body_too_large"), status_code=413)
@@ -450,13 +491,17 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             path = path + "?" + request.url.query
         t0 = time.perf_counter()
         try:
-            up = await router.forward(request.method, path, body, headers, stream, cost)
+            answered, up = await router.wait_upstream(router.forward(request.method, path, body, headers, stream, cost))
         except NoBackend:
             return unavailable()
         except Exception as e:  # noqa: BLE001
             if isinstance(e, httpx.TimeoutException):  # not lost, just too slow
                 return JSONResponse(error_body("the backend did not answer in time", "timeout", "backend_timeout"), status_code=504)
+            if isinstance(e, httpx.TransportError) and router.stopping:
+                return JSONResponse(error_body("the backend stopped before it answered", "server_error", "backend_stopped"), status_code=502)
             raise
+        if not answered:  # abort_all() at the shutdown deadline
+            return JSONResponse(error_body("the server shut down before the request finished; retry", "server_error", "aborted"), status_code=503)
         resp, b = up.resp, up.backend
         router.requests_total[(b.url, resp.status_code)] += 1
         if up.chunks is None:
@@ -469,15 +514,23 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             if up.first:
                 yield up.first
             try:
-                async for chunk in up.chunks:
+                while True:
+                    # each wait is cancellable by abort_all(), never a yield inside the scope
+                    answered, chunk = await router.wait_upstream(anext(up.chunks, None))
+                    if not answered:
+                        err = error_body("the server shut down before the request finished", "server_error", "aborted")
+                        yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+                        return
+                    if chunk is None:
+                        break
                     yield chunk
             except httpx.TransportError as e:
                 # The replica failed mid-stream: bytes already reached the client, so the answer
                 # cannot be replayed elsewhere; end the stream with an error the client can see.
-                if not isinstance(e, httpx.TimeoutException):
+                if not isinstance(e, httpx.TimeoutException) and not router.stopping:
                     router.mark_dead(b, f"{type(e).__name__} mid-stream")
                 err = error_body("the replica serving this stream failed; retry the request", "server_error", "replica_failed")
-                yield f"data: {json.dumps(err)}\n\n".encode()
+                yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
                 return
             router.observe_latency(time.perf_counter() - t0)
 
@@ -562,27 +615,19 @@ def router_metrics(router: Router) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_router(backends: list[str], host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> int:
-    """Serve the router until SIGINT/SIGTERM; 0 after a graceful stop."""
+def run_router(backends: list[str], host: str = "127.0.0.1", port: int = 8000, *, drain_timeout: float = 30.0, **kwargs: Any) -> int:
+    """Serve the router until SIGINT/SIGTERM; 0 after a graceful stop: while it drains (new
+    requests 503, /health 503), the requests in flight get ``drain_timeout`` seconds to finish,
+    then they are ended cleanly (see :class:`mlsyskit.serve.graceful.GracefulServer`)."""
     import uvicorn
+
+    from mlsyskit.serve.graceful import GracefulServer
 
     router = Router(backends, **kwargs)
     app = build_app(router)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60))
-    with _quiet_signals():
-        server.run()
+    server = GracefulServer(
+        uvicorn.Config(app, host=host, port=port, log_level="warning"),
+        drain_timeout=drain_timeout, drain=router.begin_drain, idle=lambda: router.in_flight == 0, abort=router.abort_all,
+    )
+    server.run()
     return 0
-
-
-@contextlib.contextmanager
-def _quiet_signals() -> Any:
-    """uvicorn re-raises the signal that stopped it after its graceful shutdown; with these
-    no-op handlers in place that re-raise does nothing and the process exits 0."""
-    import signal
-
-    old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--health-interval", type=float, default=1.0, metavar="S", help="seconds between health checks of each backend (default: 1.0)")
     r.add_argument("--timeout", type=float, default=600.0, metavar="S", help="longest a backend may take to answer one request (default: 600)")
     r.add_argument("--api-key", default=None, metavar="KEY", help="key the router uses for its own health checks when backends require one; clients' Authorization headers are passed through (default: none)")
+    r.add_argument("--drain-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM/SIGINT, seconds the requests in flight get to finish (new ones get 503) before they are ended with an error (default: 30)")
     r.set_defaults(func=_router)
 
     g = sub.add_parser(
@@ -67,11 +68,13 @@ def _router(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.health_interval <= 0 or args.timeout <= 0:
         raise UserError("--health-interval and --timeout must be positive")
+    if args.drain_timeout < 0:
+        raise UserError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     print(f"router on http://{args.host}:{args.port} over {len(args.backends)} backend(s)", flush=True)
-    return run_router(args.backends, args.host, args.port, health_interval=args.health_interval, request_timeout=args.timeout, api_key=args.api_key)
+    return run_router(args.backends, args.host, args.port, health_interval=args.health_interval, request_timeout=args.timeout, api_key=args.api_key, drain_timeout=args.drain_timeout)
 
 
 def _loadgen(args: argparse.Namespace) -> int:

@@ -221,6 +221,12 @@ class EngineService:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not finished (queued or running)."""
+        with self._cond:
+            return len(self._tracks)
+
     # -- prompts and validation ----------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (or checked ids); :class:`RequestError` if it is empty,
