@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each subpackage declares its own subcommands; its cli module imports nothing heavy.
     from mlsyskit.bigdata import cli as bigdata_cli
+    from mlsyskit.cluster import cli as cluster_cli
     from mlsyskit.engine import cli as engine_cli
     from mlsyskit.quant import cli as quant_cli
     from mlsyskit.serve import cli as serve_cli
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     router_cli.register(sub)
     serve_cli.register(sub)
     bigdata_cli.register(sub)
+    cluster_cli.register(sub)
     return parser
 
 
