@@ -23,6 +23,7 @@ from mlsyskit.serve.documents import (
     default_corpus,
     embed,
     fit_context,
+    load_corpus,
     rag_messages,
 )
 
@@ -86,6 +87,26 @@ def test_from_path_directory_recursive_sorted_with_titles(tmp_path: Path) -> Non
     assert store.get("nope") is None
     top = store.search("Which volcano has a green crater lake?", k=2)
     assert top[0].document.id == "volcano.txt"
+
+
+def test_directory_skips_a_non_utf8_file_with_a_warning_and_counts(tmp_path: Path) -> None:
+    files = {**FACTS, "notes/blank.md": " \n", "data.json": "{}"}
+    folder = _write(tmp_path, files)
+    (folder / "latin.txt").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    lines: list[str] = []
+    texts, ids, _, _ = load_corpus(folder, warn=lines.append)
+    assert ids == ["bakery.txt", "chess.md", "volcano.txt"] and len(texts) == 3
+    assert lines == [
+        f"warning: --docs {folder}: skipping latin.txt: not UTF-8 text (invalid continuation byte at byte 3)",
+        f"--docs {folder}: indexed 3 files, skipped 4 (1 not UTF-8, 1 empty, 2 not .txt/.md)",
+    ]
+    # nothing readable left: the error says what was skipped
+    only = tmp_path / "only_latin"
+    only.mkdir()
+    (only / "latin.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(UserError, match=r"no non-empty \.txt or \.md file in this directory \(skipped 1 not UTF-8\)"):
+        load_corpus(only, warn=lines.append)
 
 
 def test_long_file_is_chunked_and_chunks_keep_source_and_title(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,7 +74,8 @@ def test_cli_writes_report_and_refuses_other_hosts(server, tmp_path) -> None:
     prompts.write_text('{"prompt": "Hello there"}\n\n{"prompt": "Name a color."}\n')
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "mlsyskit", "loadgen", "--url", server, "--rate", "3", "--duration", "1",
-           "--arrival", "constant", "--prompts", str(prompts), "--max-tokens", "4", "--out", str(out)]
+           "--arrival", "constant", "--prompts", str(prompts), "--max-tokens", "4", "--out", str(out),
+           "--max-error-rate", "1"]  # a rare 429 from this one-at-a-time server is not this test's subject
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "latency p50/p90/p99" in done.stdout
@@ -107,3 +109,21 @@ def test_input_checks(tmp_path) -> None:
     assert (t >= 0).all() and (t < 4).all() and (t[1:] >= t[:-1]).all()
     assert 120 < len(t) < 280  # ~200 expected
     assert (arrival_times(50, 4, "poisson", seed=3) == t).all()
+
+
+def test_cli_exit_status_follows_the_error_rate(tmp_path) -> None:
+    """Nothing listening: every request fails, the report still prints, and the exit status says so
+    (1 above --max-error-rate, default 10 %), so a script or CI job can rely on it."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [sys.executable, "-m", "mlsyskit", "loadgen", "--url", f"http://127.0.0.1:{port}", "--rate", "5", "--duration", "1",
+            "--arrival", "constant", "--timeout", "5"]
+    failed = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert '"connection": 5' in failed.stdout  # the report is printed first
+    assert failed.stderr.strip() == "mlsyskit loadgen: error rate 100.0% (5 of 5 arrivals not answered) is above --max-error-rate 10.0%"
+    tolerated = subprocess.run([*base, "--max-error-rate", "1"], capture_output=True, text=True, timeout=120)
+    assert tolerated.returncode == 0 and not tolerated.stderr, tolerated.stderr
+    bad = subprocess.run([*base, "--max-error-rate", "10"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "mlsyskit loadgen: error: --max-error-rate is a fraction in 0..1 (0.1 = 10%), got 10.0"

@@ -43,6 +43,9 @@ def test_help_states_defaults(capsys):
         (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
         (["--port", "70000"], "--port must be in 0..65535"),
         (["--model", "/nonexistent/model.gguf", "--port", "0", "--no-rag"], "does not exist"),
+        (["--no-rag", "--docs", "notes/", "--port", "0"], "--no-rag serves no RAG routes, so --docs notes/ would never be read"),
+        (["--replicas", "2", "--docs", "notes/", "--no-rag", "--port", "0"], "--no-rag serves no RAG routes"),
+        (["--replicas", "2", "--max-queue", "-1"], "--max-queue must be >= 0"),
     ],
 )
 def test_bad_flags_one_line_exit_2(capsys, args, message):
@@ -87,10 +90,13 @@ def test_rag_key_from_env_and_graceful_sigterm(launch_server, tmp_path):
     docs.mkdir()
     (docs / "harbor.txt").write_text("The lighthouse of Port Vell was painted green in 1931.", encoding="utf-8")
     (docs / "bread.txt").write_text("Sourdough bread rises thanks to wild yeast and lactic bacteria.", encoding="utf-8")
+    (docs / "latin1.txt").write_bytes("Caf\xe9 au lait".encode("latin-1"))  # skipped with a warning, not fatal
     url = launch_server(tmp_path / "server.log", env={"MLSYSKIT_API_KEY": "envkey"}, docs=docs, drain_timeout=3)
     headers = {"Authorization": "Bearer envkey"}
     try:
         assert "ready in" in url.log_text() and "model loaded in" in url.log_text()
+        assert f"warning: --docs {docs}: skipping latin1.txt: not UTF-8 text" in url.log_text()
+        assert f"--docs {docs}: indexed 2 files, skipped 1 (1 not UTF-8)" in url.log_text()
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401  # the key came from the env
         r = httpx.post(f"{url}/v1/rag", json={"query": "What color is the lighthouse of Port Vell?", "k": 1, "max_tokens": 4}, headers=headers, timeout=120)
         assert r.status_code == 200, r.text

@@ -46,6 +46,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.drain_timeout < 0:
         raise UserError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.no_rag and args.docs is not None:
+        raise UserError(f"--no-rag serves no RAG routes, so --docs {args.docs} would never be read; drop one of them")
 
 
 def build_service(args: argparse.Namespace) -> tuple[Any, float]:
@@ -126,6 +128,7 @@ def run_server(
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _check_flags(args)  # replicated or not: the workers would refuse the same flags, one by one
     if args.replicas != 1 or args.autoscale:
         if args.replicas < 1:
             raise UserError(f"--replicas must be at least 1, got {args.replicas}")
@@ -133,7 +136,6 @@ def _serve(args: argparse.Namespace) -> int:
 
         return serve_replicated(args)
     t_start = time.perf_counter()
-    _check_flags(args)
     if args.api_key is None:
         args.api_key = os.environ.get("MLSYSKIT_API_KEY") or None
     sock = bind_socket(args.host, args.port)

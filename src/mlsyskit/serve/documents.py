@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -391,25 +392,48 @@ def _load_jsonl(path: Path) -> tuple[list[str], list[str], list[str], list[str]]
     return texts, ids, sources, titles
 
 
-def load_corpus(path: str | Path) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(texts, ids, sources, titles) of the documents at ``path`` (see DocumentStore.from_path)."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_corpus(path: str | Path, warn: Callable[[str], None] = _stderr) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(texts, ids, sources, titles) of the documents at ``path`` (see DocumentStore.from_path).
+
+    In a directory, files that cannot be indexed are skipped: other suffixes and empty files
+    silently, a file that is not UTF-8 (or cannot be read) with a one-line warning; then one
+    line says how many files were indexed and skipped (each line goes to ``warn``, default
+    stderr). A single file given directly must be readable."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--docs {path}: no such file or directory")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        every = sorted(f for f in p.rglob("*") if f.is_file())
+        files = [f for f in every if f.suffix.lower() in TEXT_SUFFIXES]
         texts, ids, sources, titles = [], [], [], []
+        skipped = {"not UTF-8": 0, "unreadable": 0, "empty": 0, "not .txt/.md": len(every) - len(files)}
         for f in files:
-            text = _read_text(f)
-            if not text.strip():
-                continue
             rel = f.relative_to(p).as_posix()
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:  # one bad file does not stop the others
+                if isinstance(e, UnicodeDecodeError):
+                    kind, reason = "not UTF-8", f"not UTF-8 text ({e.reason} at byte {e.start})"
+                else:
+                    kind, reason = "unreadable", f"cannot read ({e.strerror})"
+                skipped[kind] += 1
+                warn(f"warning: --docs {path}: skipping {rel}: {reason}")
+                continue
+            if not text.strip():
+                skipped["empty"] += 1
+                continue
             texts.append(text)
             ids.append(rel)
             sources.append(rel)
             titles.append(_title_of(text, f.stem))
+        why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
         if not texts:
-            raise UserError(f"--docs {path}: no non-empty .txt or .md file in this directory")
+            raise UserError(f"--docs {path}: no non-empty .txt or .md file in this directory" + (f" (skipped {why})" if why else ""))
+        warn(f"--docs {path}: indexed {len(texts)} file{'s' * (len(texts) != 1)}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
         return texts, ids, sources, titles
     suffix = p.suffix.lower()
     if suffix == ".jsonl":

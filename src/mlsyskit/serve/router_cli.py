@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per-request timeout (default: 60)")
     g.add_argument("--api-key", default=None, metavar="KEY", help="Bearer key for the server (default: none)")
     g.add_argument("--out", default=None, metavar="JSON", help="also write the report to this JSON file (default: off)")
+    g.add_argument("--max-error-rate", type=float, default=0.1, metavar="F", help="exit 1 when the error rate (failed or skipped arrivals, 429s and timeouts included, over all arrivals) is above F, so scripts and CI can rely on the exit status; 1 never fails (default: 0.1)")
     g.set_defaults(func=_loadgen)
 
 
@@ -78,9 +80,12 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def _loadgen(args: argparse.Namespace) -> int:
+    from mlsyskit.errors import UserError
     from mlsyskit.serve.loadgen import check_loopback, format_report, load_prompts, run_load
 
     check_loopback(args.url)  # before anything else: refuse at once
+    if not 0 <= args.max_error_rate <= 1:
+        raise UserError(f"--max-error-rate is a fraction in 0..1 (0.1 = 10%), got {args.max_error_rate}")
     prompts = load_prompts(args.prompts)
     report = run_load(
         args.url, args.rate, args.duration, arrival=args.arrival, prompts=prompts, endpoint=args.endpoint,
@@ -93,4 +98,10 @@ def _loadgen(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {path}")
+    rate = report["error_rate"]
+    if rate > args.max_error_rate:
+        arrivals = report["sent"] + report["skipped_max_in_flight"]
+        print(f"mlsyskit loadgen: error rate {rate:.1%} ({arrivals - report['ok']} of {arrivals} arrivals not answered) "
+              f"is above --max-error-rate {args.max_error_rate:.1%}", file=sys.stderr, flush=True)
+        return 1
     return 0
