@@ -10,8 +10,10 @@ engine memory-maps the GGUF and loads it once per process, so a new replica is r
 
 Nothing is restarted silently: a replica that exits is removed from rotation and logged; under
 `--autoscale` a replacement is started (and logged). Scale-down drains: the replica leaves
-rotation, its in-flight requests finish, then it gets SIGTERM. SIGINT/SIGTERM stop the router
-from accepting, let open requests finish, stop every worker and exit 0.
+rotation, its in-flight requests finish, then it gets SIGTERM. On SIGINT/SIGTERM the router keeps
+listening but answers 503 (and /health 503) while every worker, signalled at once, drains on its
+own --drain-timeout: open answers finish or end cleanly (an error event and [DONE]) and the
+router relays those ends; then the workers and the router exit, with status 0.
 
 The autoscaler's settings (see `mlsyskit.serve.autoscale`) can be tuned with the environment
 variable MLSYSKIT_AUTOSCALE, comma-separated KEY=VALUE among up_threshold (default 2 waiting

@@ -14,6 +14,10 @@ the others before the client gets it. A health loop (GET /health every `health_i
 takes dead backends out of rotation and puts recovered ones back.
 
 `POST /v1/documents` is sent to every live backend (each replica holds its own RAG corpus).
+
+A client that goes away closes its upstream request, streamed or not (the replica aborts the
+request). Shutdown drains with the listener open (new requests and /health get 503); what is
+still open at the deadline ends with a 503 or, for a stream, an error event and `[DONE]`.
 """
 
 from __future__ import annotations
