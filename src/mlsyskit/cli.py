@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mlsyskit.bigdata import cli as bigdata_cli
     from mlsyskit.cluster import cli as cluster_cli
     from mlsyskit.engine import cli as engine_cli
+    from mlsyskit.hpc import cli as hpc_cli
     from mlsyskit.quant import cli as quant_cli
     from mlsyskit.serve import cli as serve_cli
     from mlsyskit.serve import router_cli
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant_cli.register(sub)
     vector_cli.register(sub)
     train_cli.register(sub)
+    hpc_cli.register(sub)
     router_cli.register(sub)
     serve_cli.register(sub)
     bigdata_cli.register(sub)
