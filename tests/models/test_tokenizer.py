@@ -210,3 +210,21 @@ def test_text_that_is_not_unicode_is_a_user_error(tok: Tokenizer) -> None:
         tok.encode(bad)
     with pytest.raises(UserError, match="not valid Unicode"):
         tok.encode_chat([{"role": "user", "content": bad}])
+
+
+def test_max_tokens_inside_a_character_ends_the_text_before_it(smollm2_checkpoint: Checkpoint) -> None:
+    # issue 19 item 9: the engine's final and streamed text ended in U+FFFD
+    from mlsyskit.engine import LLM, SamplingParams
+
+    llm = LLM(smollm2_checkpoint, num_kv_blocks=32, max_model_len=128)
+    tok = llm.tokenizer
+    prompt = "Emoji only: 🐶🐱🐭🐹🐰🦊🐻🐼"
+    full = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0))[0]
+    cuts = [k for k in range(1, len(full.token_ids)) if tok.decode(full.token_ids[:k]).endswith("\ufffd")]
+    assert cuts  # the greedy reply really spreads a character over several tokens
+    for k in cuts[:2]:
+        params = SamplingParams(max_tokens=k, temperature=0)
+        out = llm.generate(prompt, params)[0]
+        assert out.token_ids == full.token_ids[:k] and out.finish_reason == "length"
+        assert out.text == tok.decode(out.token_ids).rstrip("\ufffd") and "\ufffd" not in out.text
+        assert "".join(o.delta for o in llm.stream(prompt, params)) == out.text
