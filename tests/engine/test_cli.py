@@ -222,3 +222,11 @@ def test_ctrl_c_in_generate_says_so_on_its_own_line(smollm2_path: Path) -> None:
     assert lines[-1] == "mlsyskit generate: interrupted: generation stopped (the text above is what was generated)"
     assert "Traceback" not in bytes(seen).decode() and "checkpoint" not in lines[-1]
     assert any(ch.isdigit() for ch in "".join(lines[:-1]))  # the streamed text, on lines of its own
+
+
+def test_chat_max_tokens_filling_the_context_is_one_line(tiny_llama_dir: Path) -> None:
+    r = _run("chat", "--model", str(tiny_llama_dir), "--max-tokens", "256", "--threads", "1", stdin="hi\n")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "mlsyskit chat: error: --max-tokens 256 leaves no room for a message in the model's context of 256 tokens"
+    ]
