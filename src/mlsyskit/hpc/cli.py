@@ -180,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "activation memory saved for backward, and torch.profiler's memory view; writes "
                         "hpc_activations.json, hpc_activations.png and a Chrome trace to --out.")
     a.add_argument("--numel", type=int, default=1 << 22, help="elements per input tensor (default: 4194304)")
-    a.add_argument("--repeat", type=int, default=10, help="timed repetitions, median kept (default: 10)")
+    a.add_argument("--repeat", type=int, default=10, help="timed repetitions, best kept (default: 10)")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a.add_argument("--out", default="runs/hpc", help="output folder (default: runs/hpc)")
     a.set_defaults(func=_activations)
