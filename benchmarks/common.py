@@ -349,10 +349,13 @@ def stop_process(proc: subprocess.Popen, grace: float = 90.0) -> int | None:
 
 
 def write_json(path: str | Path, obj: Any, *, indent: int = 2, default: Callable[[Any], Any] | None = None) -> Path:
-    """Write ``obj`` as JSON (plus a final newline), creating the folder."""
+    """Write ``obj`` as valid JSON (NaN/Infinity as null, see ``mlsyskit.runtime.json_dumps``)
+    plus a final newline, creating the folder."""
+    from mlsyskit.runtime import json_dumps
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=indent, default=default) + "\n")
+    path.write_text(json_dumps(obj, indent=indent, default=default) + "\n")
     return path
 
 
