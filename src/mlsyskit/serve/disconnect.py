@@ -45,6 +45,7 @@ class CancelOnDisconnect:
         gone = anyio.Event()
         body_read = False
         complete = False
+        error: Exception | None = None
 
         async with anyio.create_task_group() as tg:
 
@@ -77,5 +78,9 @@ class CancelOnDisconnect:
 
             try:
                 await self.app(scope, receive_body, send_tracked)
+            except Exception as e:  # raised as is below, not wrapped in the task group's ExceptionGroup
+                error = e
             finally:
                 tg.cancel_scope.cancel()  # the response is done: stop watching
+        if error is not None:
+            raise error
