@@ -1,0 +1,164 @@
+"""Data-parallel training study: batch size x backend x world size x precision, `mlsyskit
+train` under torchrun, next to the same training written with HF Accelerate.
+
+For every configuration: samples/s (mean over epochs), time per epoch, peak memory per rank
+(the largest rank's peak RSS), the whole process tree's peak RSS, time to a target test
+accuracy, and the scaling efficiency samples/s(W) / (W x samples/s(1)) at the same batch and
+precision. Every rank gets usable CPUs / W torch threads, so W = 1 uses all of them too. nccl
+runs only where there are GPUs (else the row says why it was skipped). Default: McMahan's CNN on
+mnist-5k (2,000 test images), 2 epochs; on a 2-CPU machine this takes a few minutes.
+
+    .venv/bin/python benchmarks/ddp_study.py
+    .venv/bin/python benchmarks/ddp_study.py --batch-sizes 64 --precisions fp32 --no-accelerate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _torchrun(world: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+
+
+def ours(cfg: dict, work: Path) -> dict:
+    out = work / f"ours-b{cfg['batch_size']}-{cfg['backend']}-w{cfg['world']}-{cfg['precision']}"
+    cmd = [*_torchrun(cfg["world"]), "-m", "mlsyskit", "train", "--model", cfg["model"], "--dataset", cfg["dataset"],
+           "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
+           "--precision", cfg["precision"], "--backend", cfg["backend"], "--threads", str(cfg["threads"]),
+           "--test-limit", str(cfg["test_limit"]), "--target-accuracy", str(cfg["target"]), "--out", str(out),
+           "--no-progress"]
+    if cfg["data_dir"]:
+        cmd += ["--data-dir", cfg["data_dir"]]
+    report, _, _ = common.run_peer(cmd, work / f"{out.name}.log", timeout=3600)
+    if report["exit_code"] != 0:
+        return {"error": f"exit {report['exit_code']}, see {report['log']}", **report}
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"samples_per_s": summary["samples_per_s"], "epoch_s": sum(r["epoch_s"] for r in rows) / len(rows),
+            "peak_mem_mb_per_rank": summary["peak_mem_mb"], "tree_peak_rss_mib": report["peak_rss_mib"],
+            "time_to_target_s": summary["time_to_target_s"], "final_accuracy": summary["final_accuracy"],
+            "epochs": rows, "loadavg_before": report["loadavg_1m_before"], "loadavg_after": report["loadavg_1m_after"],
+            "cpu_s_other_processes": report["cpu_s_other_processes"], "process_wall_s": report["process_wall_s"]}
+
+
+def accelerate_peer(cfg: dict, work: Path) -> dict:
+    cmd = [*_torchrun(cfg["world"]), str(HERE / "ddp_accelerate_peer.py"), "--batch-size", str(cfg["batch_size"]),
+           "--epochs", str(cfg["epochs"]), "--lr", str(cfg["lr"]), "--precision", cfg["precision"],
+           "--threads", str(cfg["threads"]), "--test-limit", str(cfg["test_limit"]),
+           "--target-accuracy", str(cfg["target"])]
+    if cfg["data_dir"]:
+        cmd += ["--data-dir", cfg["data_dir"]]
+    log = work / f"accelerate-b{cfg['batch_size']}-w{cfg['world']}-{cfg['precision']}.log"
+    report, _, _ = common.run_peer(cmd, log, timeout=3600)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    if report["exit_code"] != 0 or not lines:
+        return {"error": f"exit {report['exit_code']}, see {log}"}
+    r = json.loads(lines[-1])
+    return {"samples_per_s": r["samples_per_s"], "epoch_s": sum(e["epoch_s"] for e in r["rows"]) / len(r["rows"]),
+            "peak_mem_mb_per_rank": r["peak_mem_mb"], "tree_peak_rss_mib": report["peak_rss_mib"],
+            "time_to_target_s": r["time_to_target_s"], "final_accuracy": r["final_accuracy"], "epochs": r["rows"],
+            "loadavg_before": report["loadavg_1m_before"], "loadavg_after": report["loadavg_1m_after"],
+            "accelerate": r["accelerate"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="64,256", help="global batch sizes (default: 64,256)")
+    p.add_argument("--backends", default="gloo,nccl", help="process-group back ends (default: gloo,nccl)")
+    p.add_argument("--worlds", default="1,2", help="world sizes (default: 1,2)")
+    p.add_argument("--precisions", default="fp32,bf16", help="precisions (default: fp32,bf16)")
+    p.add_argument("--model", default="cnn", help="model (default: cnn)")
+    p.add_argument("--dataset", default="mnist-5k", help="dataset (default: mnist-5k)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (default: 2)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    p.add_argument("--test-limit", type=int, default=2000, help="test images (default: 2000)")
+    p.add_argument("--target-accuracy", type=float, default=0.9, help="time-to-accuracy target (default: 0.9)")
+    p.add_argument("--data-dir", default=common.default_data_dir(existing_only=True), help="data folder (default: ../shared/data when present)")
+    p.add_argument("--no-accelerate", action="store_true", help="skip the HF Accelerate peer")
+    p.add_argument("--out", default=str(common.RESULTS / "ddp_study.json"), help="output JSON (PNG beside it)")
+    args = p.parse_args(argv)
+    import torch
+
+    cpus = common.usable_cpus()
+    has_cuda = torch.cuda.is_available()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ddp_study_") as tmp:
+        work = Path(tmp)
+        for bs in [int(b) for b in common.split_names(args.batch_sizes)]:
+            for precision in common.split_names(args.precisions):
+                for backend in common.split_names(args.backends):
+                    for world in [int(w) for w in common.split_names(args.worlds)]:
+                        cfg = {"batch_size": bs, "precision": precision, "backend": backend, "world": world,
+                               "threads": max(cpus // world, 1), "model": args.model, "dataset": args.dataset,
+                               "epochs": args.epochs, "lr": args.lr, "test_limit": args.test_limit,
+                               "target": args.target_accuracy, "data_dir": args.data_dir}
+                        row = {k: cfg[k] for k in ("batch_size", "precision", "backend", "world", "threads")}
+                        if backend == "nccl" and not has_cuda:
+                            rows.append({**row, "skipped": "nccl needs CUDA GPUs; this machine has none"})
+                            continue
+                        common.log(f"ours {row}")
+                        row["ours"] = ours(cfg, work)
+                        if not args.no_accelerate and backend == "gloo":
+                            common.log(f"accelerate {row['batch_size']} {precision} w{world}")
+                            row["accelerate"] = accelerate_peer(cfg, work)
+                        rows.append(row)
+                        common.log(json.dumps({k: v for k, v in row.items() if k not in ("ours", "accelerate")} |
+                                              {s: round(row[s].get("samples_per_s") or 0, 1) for s in ("ours", "accelerate") if s in row}))
+    for row in rows:
+        for system in ("ours", "accelerate"):
+            r = row.get(system)
+            base = next((x.get(system) for x in rows if x.get(system) and x["world"] == 1 and x["batch_size"] == row["batch_size"]
+                         and x["precision"] == row["precision"] and x["backend"] == row["backend"]), None)
+            if r and base and r.get("samples_per_s") and base.get("samples_per_s"):
+                r["scaling_efficiency"] = r["samples_per_s"] / (row["world"] * base["samples_per_s"])
+        if row.get("ours", {}).get("samples_per_s") and row.get("accelerate", {}).get("samples_per_s"):
+            row["ours_over_accelerate"] = row["ours"]["samples_per_s"] / row["accelerate"]["samples_per_s"]
+    result = {**common.run_stamp(), "platform": common.platform_info(), "usable_cpus": cpus, "cuda": has_cuda,
+              "packages": common.package_versions(["torch", "accelerate"]), "loadavg_end": common.loadavgs(),
+              "config": vars(args), "rows": rows}
+    out = common.write_json(args.out, result)
+    plot(rows, out.with_suffix(".png"))
+    for row in rows:
+        if "skipped" in row:
+            print(f"b={row['batch_size']:>4} {row['precision']} {row['backend']} W={row['world']}: skipped ({row['skipped']})")
+            continue
+        o, a = row.get("ours", {}), row.get("accelerate", {})
+        print(f"b={row['batch_size']:>4} {row['precision']} {row['backend']} W={row['world']}: ours {o.get('samples_per_s', 0):7.1f} "
+              f"samples/s (eff {o.get('scaling_efficiency', float('nan')):.2f}), accelerate {a.get('samples_per_s', 0):7.1f}; "
+              f"ours/accelerate {row.get('ours_over_accelerate', float('nan')):.2f}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = common.pyplot()
+    done = [r for r in rows if "ours" in r and r["ours"].get("samples_per_s")]
+    labels = [f"b{r['batch_size']}\n{r['precision']}\nW={r['world']}" for r in done]
+    x = range(len(done))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(done) + 4), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["ours"]["samples_per_s"] for r in done], 0.4, label="mlsyskit train (DDP)")
+    ax.bar([i + 0.2 for i in x], [r.get("accelerate", {}).get("samples_per_s") or 0 for r in done], 0.4, label="HF Accelerate")
+    ax.set(xticks=list(x), ylabel="samples/s", title="training throughput (gloo, CPU)")
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.legend(fontsize=8)
+    ax2.bar(list(x), [r["ours"].get("peak_mem_mb_per_rank") or 0 for r in done], color="tab:green")
+    ax2.set(xticks=list(x), ylabel="MiB", title="peak memory per rank (largest rank, RSS)")
+    ax2.set_xticklabels(labels, fontsize=7)
+    common.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
