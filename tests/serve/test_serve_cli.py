@@ -163,6 +163,7 @@ def test_sigterm_drain_is_visible_then_streams_end_cleanly(launch_server, tmp_pa
         if url.proc.poll() is None:
             url.proc.kill()
     log = url.log_text()
+    print(f"serve --drain-timeout 2: SIGTERM to exit {elapsed:.1f}s")
     assert code == 0 and "Traceback" not in log and "server stopped" in log, log
     assert elapsed < 2 + 8, elapsed  # the drain deadline plus the shutdown itself
     assert result.get("status") == 200 and "error" not in result, result
@@ -198,6 +199,7 @@ def test_replicas_sigterm_during_a_stream_drains_and_exits_0(launch_server, tmp_
         if url.proc.poll() is None:
             url.proc.kill()
     log = url.log_text()
+    print(f"serve --replicas 2 --drain-timeout 2: SIGTERM to exit {elapsed:.1f}s")
     assert code == 0, log
     assert elapsed < 2 + 10, (elapsed, log)
     for bad in ("Traceback", "CancelledError", "SIGKILL", "graceful shutdown exceeded"):
