@@ -221,7 +221,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             pts = sorted((r["n"], r["gflops"]) for r in rows if (r["library"], r["dtype"], r["op"], r["threads"]) == (lib, dt, "matmul", t))
             if pts:
                 ax2.plot(*zip(*pts, strict=True), style, color=c, marker=".", label=f"{lib} {dt} {t}t")
-    ax2.set(xscale="log", xlabel="n (n x n matmul)", ylabel="GFLOP/s", title="matmul: 1 thread (dashed) vs all (solid)")
+    ax2.set(xscale="log", yscale="log", xlabel="n (n x n matmul)", ylabel="GFLOP/s", title="matmul: 1 thread (dashed) vs all (solid)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

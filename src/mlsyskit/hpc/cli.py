@@ -60,7 +60,7 @@ def _logreg(args: argparse.Namespace) -> int:
                        local_steps=args.local_steps, l2=args.l2, partition=args.partition, alpha=args.alpha,
                        malicious=args.malicious, attack=args.attack, attack_scale=args.attack_scale,
                        strategy=args.strategy, trim_ratio=args.trim_ratio, krum_f=args.krum_f, mask=args.mask,
-                       seed=args.seed)
+                       seed=args.seed, reference=args.reference)
     result = run_logreg(cfg)
     comm = mpi.world()
     if comm.Get_rank() == 0:
@@ -160,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lg.add_argument("--krum-f", type=int, default=1, help="Byzantine clients tolerated by krum (default: 1)")
     lg.add_argument("--mask", action="store_true", help="pairwise masking: the server sees only the sum of the updates (default: off)")
     lg.add_argument("--seed", type=int, default=0, help="partition and attack noise seed (default: 0)")
+    lg.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="fit scikit-learn's LogisticRegression on the pooled data to compare (default: on)")
     lg.set_defaults(func=_logreg)
 
     b = cmds.add_parser("blas", help="matrix multiply and inversion GFLOP/s against this CPU's peak (roofline), 1 vs all threads",
