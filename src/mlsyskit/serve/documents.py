@@ -326,12 +326,21 @@ class DocumentStore:
         recursively, in sorted order), one ``.txt``/``.md`` file, or a ``.jsonl`` file (one
         object a line: ``text`` and optional ``id``, ``title``, ``source``). ``None``: the
         default corpus, Python's documentation topics (embeddings cached under ``cache_dir``,
-        default ``$MLSYSKIT_CACHE_DIR/rag``). UserError with one clear line on bad input."""
+        default ``$MLSYSKIT_CACHE_DIR/rag``). A folder written by ``mlsyskit spark ingest`` is
+        loaded with its stored chunks and vectors (nothing is embedded). UserError with one
+        clear line on bad input."""
         store = cls(embed=embed)
         if path is None:
             texts, ids, sources, titles = default_corpus(chunk_words)
             vectors = _cached_embeddings(texts, titles, embed, cache_dir)
             store.add(texts, ids=ids, sources=sources, titles=titles, vectors=vectors)
+            return store
+        from mlsyskit.bigdata.ingest import is_ingested, load_ingested
+
+        if is_ingested(Path(path).expanduser()):
+            # a folder written by `mlsyskit spark ingest`: its chunks and MiniLM vectors as they are
+            corpus = load_ingested(Path(path).expanduser())
+            store.add(corpus.texts, ids=corpus.ids, sources=corpus.sources, titles=corpus.titles, vectors=corpus.vectors)
             return store
         texts, ids, sources, titles = load_corpus(path)
         store.add(texts, ids=ids, sources=sources, titles=titles, chunk_words=chunk_words)
