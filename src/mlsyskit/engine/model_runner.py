@@ -62,8 +62,12 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row0, n, end, blocks, mask))
             last_rows.append(row0 + n - 1 if end == len(seq) else None)
         nd = len(decode_tables)
-        decode_blocks = decode_mask = decode_len = None
-        if nd == 1:
+        decode_blocks = decode_mask = decode_len = tables = lens = None
+        if nd and self.kv.in_place_decode:  # the compiled kernel walks the block tables itself
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32)
+            lens = torch.tensor(decode_lens, dtype=torch.int32)
+        elif nd == 1:
             decode_blocks = torch.tensor([decode_tables[0][: -(-decode_lens[0] // bs)]], dtype=torch.long)
             decode_len = decode_lens[0]
         elif nd:
@@ -73,7 +77,7 @@ class ModelRunner:
             valid = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
             # additive float mask built once per step (a bool mask is converted in every layer)
             decode_mask = torch.zeros(valid.shape, dtype=self.kv.k.dtype).masked_fill_(~valid, float("-inf")).view(nd, 1, 1, -1)
-        self.kv.meta = StepMeta(torch.tensor(slots, dtype=torch.long), nd, decode_blocks, decode_mask, prefills, decode_len)
+        self.kv.meta = StepMeta(torch.tensor(slots, dtype=torch.long), nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
         hidden = self.model.forward_tokens(torch.tensor(ids), torch.tensor(positions), self.kv)
         self.kv.meta = None
         rows = [r for r in last_rows if r is not None]

@@ -97,10 +97,15 @@ def default_model_path() -> Path:
     )
 
 
-def load_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path | None, dtype: torch.dtype = torch.float32, *, native: bool = False
+) -> Checkpoint:
     """Load a ``.gguf`` file, a HF directory (config.json + *.safetensors + tokenizer.json) or a
     directory a registered loader claims (e.g. ``mlsyskit quantize``'s, whose quantized weights
     come back as ``QuantizedTensor`` values, see :mod:`mlsyskit.quant.model_io`).
+
+    ``native=True`` keeps a GGUF file's Q4_0/Q4_1/Q8_0 weights in their memory-mapped blocks
+    (``BlockWeight`` values, see :mod:`mlsyskit.models.gguf_loader`) instead of dequantizing them.
 
     ``path=None`` loads the default model (:func:`default_model_path`). Anything unusable
     (missing, corrupt, pickled, unsupported architecture) raises :class:`UserError`.
@@ -121,7 +126,7 @@ def load_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32)
         # Imported here: the gguf and safetensors packages are only needed for their own format.
         from mlsyskit.models import gguf_loader
 
-        return gguf_loader.load_gguf(p, dtype)
+        return gguf_loader.load_gguf(p, dtype, native=native)
     if not p.is_dir():
         raise UserError(f"{p} is neither a file nor a directory")
     for loader in _LOADERS.values():

@@ -1,20 +1,28 @@
 """Load a GGUF file (llama.cpp's format) into our config, state dict and tokenizer.
 
-Reads the file memory-mapped with ``gguf.GGUFReader``, dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1
-with the vectorized numpy code below, undoes llama.cpp's Q/K row permutation and fuses q|k|v
-and gate|up into our layout (names: :mod:`mlsyskit.models.checkpoint`). Fused tensors are
-dequantized straight into their slice of the output, so each weight is written once.
-Architectures: llama (SmolLM2, TinyLlama, Mistral), qwen2, gpt2.
+Reads the file memory-mapped (:class:`GGUFFile`), undoes llama.cpp's Q/K row permutation
+and fuses q|k|v and gate|up into our layout (names: :mod:`mlsyskit.models.checkpoint`).
+Architectures: llama (SmolLM2, TinyLlama, Mistral), qwen2, gpt2. Two ways:
+
+- ``native=False`` (the float reference): F32/F16/BF16/Q8_0/Q4_0/Q4_1 are dequantized with the
+  vectorized numpy code below, fused tensors straight into their slice of the output.
+- ``native=True``: every 2-D weight stored as Q4_0, Q4_1 or Q8_0 stays in the file as it is:
+  its state-dict value is a :class:`BlockWeight` (views of the memory-mapped blocks, the fused
+  parts side by side, the Q/K permutation as an index of output rows). Nothing is dequantized
+  or copied, so loading takes a fraction of a second; the engine computes on the blocks with
+  the kernels of :mod:`mlsyskit.quant.kernels` (``quantized_linear=`` of ``build_transformer``).
 """
 
 from __future__ import annotations
 
+import mmap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint_types import Checkpoint, check_state_dict, check_tokenizer
@@ -24,13 +32,60 @@ from mlsyskit.models.tokenizer import Tokenizer
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # block formats kept as they are with native=True
+BLOCK = 32  # values per block of every NATIVE_TYPES format
+
+
+@dataclass(frozen=True)
+class BlockTensor:
+    """A GGUF tensor kept in its block format: ``data`` is a read-only ``(rows, row_bytes)``
+    uint8 view of the memory-mapped file; ``perm`` (int32, or None) is the output row of each
+    stored row (llama.cpp's Q/K row order, undone without moving a byte)."""
+
+    qtype: str  # "Q4_0", "Q4_1" or "Q8_0"
+    data: np.ndarray
+    perm: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """One of our (out, in) weights made of GGUF block tensors stacked by rows (q|k|v, gate|up).
+
+    Not a tensor: ``build_transformer(..., quantized_linear=...)`` turns it into a layer (e.g.
+    ``mlsyskit.quant.linear.BlockLinear``); :meth:`dequantize` gives the float32 reference.
+    """
+
+    parts: tuple[BlockTensor, ...]
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.data.nbytes for p in self.parts)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight, exactly as ``native=False`` loads it."""
+        out = np.empty(self.shape, dtype=np.float32)
+        start = 0
+        for p in self.parts:
+            rows = np.empty((p.rows, self.shape[1]), dtype=np.float32)
+            dequantize_into(p.data, int(Q[p.qtype]), rows)
+            if p.perm is None:
+                out[start : start + p.rows] = rows
+            else:
+                out[start + p.perm] = rows
+            start += p.rows
+        return torch.from_numpy(out)
 
 
 # -- dequantization ---------------------------------------------------------------------------
 
 
 def _u8(data: np.ndarray) -> np.ndarray:
-    """The raw bytes of a tensor as ``GGUFReader`` exposes it (values or blocks), flat uint8."""
+    """The raw bytes of a tensor (``TensorInfo.data`` or gguf-py's arrays), flat uint8."""
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
@@ -79,7 +134,7 @@ def dequantize_into(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
 
 
 def dequantize(data: np.ndarray, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Dequantize one tensor as ``GGUFReader`` exposes it (``ReaderTensor.data``) to float32.
+    """Dequantize one tensor's bytes (``TensorInfo.data``, or gguf-py's arrays) to float32.
 
     ``shape`` is in torch order (the reverse of GGUF's dimension list).
     """
@@ -91,47 +146,126 @@ def dequantize(data: np.ndarray, qtype: int, shape: tuple[int, ...]) -> torch.Te
 # -- reading the file -------------------------------------------------------------------------
 
 
-class _Reader(GGUFReader):
-    """``GGUFReader``, opened ~3x faster.
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: ``shape`` in GGUF order (fastest dimension first), ``data``
+    its bytes, a read-only flat uint8 view of the memory-mapped file."""
 
-    The reader slices its ``np.memmap`` once per metadata value, and every memmap slice runs
-    Python-level ``__array_finalize__``: a 49k-token vocabulary costs a million of those (~2.5 s).
-    Slicing a plain ndarray view of the same mapping gives the same arrays without that cost.
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray
+
+    @property
+    def n_bytes(self) -> int:
+        return self.data.nbytes
+
+
+# GGUF metadata value types (gguf.GGUFValueType): id -> numpy dtype; 7 bool, 8 string, 9 array
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+class GGUFFile:
+    """A GGUF file (v2/v3, little-endian) memory-mapped: ``metadata`` (key -> Python value:
+    str, int, float, bool, or a list of them) and ``tensors`` (:class:`TensorInfo`).
+
+    Our own parser rather than ``gguf.GGUFReader``: that one builds Python objects for every
+    element of every metadata array (a 49k-token vocabulary and its merges: ~0.5 s, several
+    seconds on a busy machine); here strings are cut out of one bytes object in a loop and
+    numeric arrays are single ``np.frombuffer`` calls.
     """
 
-    def _get(
-        self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None
-    ) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        count = int(count)
-        dt = np.dtype(dtype)
-        arr = plain[offset : offset + dt.itemsize * count].view(dt)[:count]
-        order = self.byte_order if override_order is None else override_order
-        return arr.view(arr.dtype.newbyteorder(order))
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.bytes = np.frombuffer(self._map, dtype=np.uint8)  # read-only view
+        self._pos = 0
+        if self._read(4) != b"GGUF":
+            raise ValueError("bad magic number")
+        version = self._scalar("<u4")
+        if version & 0xFFFF == 0:
+            raise _BigEndian
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (this reader takes 2 and 3)")
+        n_tensors, n_kv = self._scalar("<u8"), self._scalar("<u8")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._scalar("<u4"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = tuple(self._scalar("<u8") for _ in range(self._scalar("<u4")))
+            infos.append((name, dims, Q(self._scalar("<u4")), self._scalar("<u8")))
+        align = int(self.metadata.get("general.alignment", 32))
+        start = -(-self._pos // align) * align
+        self.tensors = []
+        for name, dims, qtype, offset in infos:
+            block, nbytes = GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(dims, dtype=np.int64)) // block * nbytes
+            lo = start + offset
+            if lo + n > len(self.bytes):
+                raise _Truncated(name)
+            self.tensors.append(TensorInfo(name, dims, qtype, self.bytes[lo : lo + n]))
+
+    def _read(self, n: int) -> bytes:
+        if self._pos + n > len(self._map):
+            raise ValueError("the file ends inside its metadata")
+        out = self._map[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def _scalar(self, dtype: str) -> Any:
+        size = np.dtype(dtype).itemsize
+        return np.frombuffer(self._read(size), dtype=dtype)[0].item()
+
+    def _string(self) -> str:
+        return self._read(self._scalar("<u8")).decode("utf-8")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype == 8:
+            return self._string()
+        if vtype in _SCALARS:
+            v = self._scalar(_SCALARS[vtype])
+            return bool(v) if vtype == 7 else v
+        if vtype != 9:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        etype, count = self._scalar("<u4"), self._scalar("<u8")
+        if etype == 8:  # strings: (u64 length, bytes) each
+            raw, pos, out = self._map, self._pos, []
+            for _ in range(count):
+                n = int.from_bytes(raw[pos : pos + 8], "little")
+                out.append(raw[pos + 8 : pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+            if pos > len(raw):
+                raise ValueError("the file ends inside its metadata")
+            self._pos = pos
+            return out
+        if etype not in _SCALARS:
+            raise ValueError(f"metadata arrays of type {etype} are not supported")
+        dt = np.dtype(_SCALARS[etype])
+        arr = np.frombuffer(self._read(dt.itemsize * count), dtype=dt)
+        return [bool(v) for v in arr] if etype == 7 else arr.tolist()
 
 
-def _open(path: Path) -> GGUFReader:
+class _BigEndian(Exception):
+    pass
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _open(path: Path) -> GGUFFile:
     try:
-        reader = _Reader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
-        # GGUFReader fails this way on a bad magic number or a file cut short mid-metadata
+        return GGUFFile(path)
+    except _BigEndian:
+        raise UserError(f"{path} is a big-endian GGUF file, which is not supported") from None
+    except _Truncated as exc:
+        raise UserError(f"{path} is truncated: tensor {exc} ends past the end of the file") from None
+    except (ValueError, KeyError, OverflowError, UnicodeDecodeError) as exc:
+        # a bad magic number, an unknown type, or a file cut short mid-metadata
         raise UserError(f"{path} is not a valid GGUF file (corrupt or truncated: {exc})") from exc
-    if reader.byte_order != "I":  # values are read as little-endian below
-        raise UserError(f"{path} is a big-endian GGUF file, which is not supported")
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise UserError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
-    return reader
-
-
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    try:
-        return {key: field.contents() for key, field in reader.fields.items()}
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise UserError(f"corrupt GGUF metadata: {exc}") from exc
 
 
 def _shortest_float(x: float) -> float:
@@ -242,11 +376,31 @@ def _unpermute_index(rows: int, n_heads: int, name: str) -> np.ndarray:
     return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
+def _block_weight(
+    present: list[tuple[str, int | None]], infos: dict[str, TensorInfo], shape: tuple[int, int]
+) -> BlockWeight:
+    """The (fused) weight as views of the file's blocks (see :class:`BlockWeight`)."""
+    parts = []
+    for name, heads in present:
+        t = infos[name]
+        n = int(t.shape[-1])  # rows: ggml lists the fastest dimension first
+        data = _u8(t.data).reshape(n, -1)
+        perm = None
+        if heads is not None:  # stored row index[i] is our row i: send stored row r to inv[r]
+            perm = np.argsort(_unpermute_index(n, heads, name)).astype(np.int32)
+        parts.append(BlockTensor(Q(t.tensor_type).name, data, perm))
+    return BlockWeight(tuple(parts), shape)
+
+
 def _build(
-    plan: _Plan, infos: dict[str, ReaderTensor], shapes: dict[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
-    """Dequantize every planned tensor into its (fused) float32 output; GGUF tensors left over
-    are an error (e.g. Llama-3's rope_freqs: the model would silently ignore them)."""
+    plan: _Plan,
+    infos: dict[str, TensorInfo],
+    shapes: dict[str, tuple[int, ...]],
+    native: bool = False,
+) -> dict[str, Any]:
+    """Dequantize every planned tensor into its (fused) float32 output, or with ``native`` keep
+    block-quantized 2-D weights as :class:`BlockWeight`; GGUF tensors left over are an error
+    (e.g. Llama-3's rope_freqs: the model would silently ignore them)."""
     used = {name for parts in plan.values() for name, _ in parts}
     if unknown := sorted(set(infos) - used):
         raise UserError(f"GGUF file has tensors this loader does not understand: {unknown[:4]}")
@@ -263,7 +417,13 @@ def _build(
             got = ", ".join(f"{name} {shapes[name]}" for name, _ in present)
             raise UserError(f"GGUF tensors cannot be fused, their shapes disagree: {got}")
         rows = [shapes[name][0] for name, _ in present]
-        out = np.empty((sum(rows), *tails.pop()), dtype=np.float32)
+        tail = tails.pop()
+        if native and len(tail) == 1 and tail[0] % BLOCK == 0 and all(
+            infos[name].tensor_type in NATIVE_TYPES for name, _ in present
+        ):
+            sd[ours] = _block_weight(present, infos, (sum(rows), tail[0]))
+            continue
+        out = np.empty((sum(rows), *tail), dtype=np.float32)
         start = 0
         for (name, heads), n in zip(present, rows, strict=True):
             t = infos[name]
@@ -278,7 +438,7 @@ def _build(
     return sd
 
 
-def _file_type(meta: dict[str, Any], reader: GGUFReader) -> str:
+def _file_type(meta: dict[str, Any], reader: GGUFFile) -> str:
     """llama.cpp's file type name ("Q4_1", "F16"), else the most common tensor type."""
     try:
         return LlamaFileType(int(meta["general.file_type"])).name.split("_", 1)[1]
@@ -287,26 +447,27 @@ def _file_type(meta: dict[str, Any], reader: GGUFReader) -> str:
         return max(set(types), key=types.count) if types else "unknown"
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a GGUF file: config, dequantized state dict (our names, ``dtype``), tokenizer."""
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native: bool = False) -> Checkpoint:
+    """Load a GGUF file: config, state dict (our names; float tensors in ``dtype``, and with
+    ``native`` the Q4_0/Q4_1/Q8_0 weights as :class:`BlockWeight`), tokenizer."""
     reader = _open(path)
-    meta = _metadata(reader)
+    meta = reader.metadata
     infos = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in infos:
         raise UserError(f"{path}: GGUF file has no token_embd.weight tensor")
     # ggml lists dimensions fastest-first; torch wants them reversed
-    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in infos.items()}
+    shapes = {n: tuple(reversed(t.shape)) for n, t in infos.items()}
     cfg = _config(meta, shapes)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     cfg.bos_token_id = tokenizer.bos_id
     cfg.eos_token_ids = list(tokenizer.eos_ids)
 
-    sd = _build(_plan(cfg, meta["general.architecture"]), infos, shapes)
+    sd = _build(_plan(cfg, meta["general.architecture"]), infos, shapes, native)
     check_state_dict(sd, cfg, path)
     check_tokenizer(tokenizer, cfg, path)
     return Checkpoint(
         config=cfg,
-        state_dict={k: v.to(dtype).contiguous() for k, v in sd.items()},
+        state_dict={k: v.to(dtype).contiguous() if isinstance(v, torch.Tensor) else v for k, v in sd.items()},
         tokenizer=tokenizer,
         source=str(path),
         file_type=_file_type(meta, reader),

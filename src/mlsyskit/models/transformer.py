@@ -16,7 +16,8 @@ Two ways to run it:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +29,18 @@ from mlsyskit.models.config import TransformerConfig
 
 # (quantized weight, bias or None) -> the layer that computes with it
 LinearFactory = Callable[[Any, Tensor | None], nn.Module]
+
+
+class RowEmbedding(nn.Module):
+    """Token embedding served by a quantized layer's rows: ``layer.rows(ids)`` dequantizes only
+    the rows looked up (e.g. GGUF's Q8_0 table, which is also the tied output projection)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.layer.rows(ids.reshape(-1)).view(*ids.shape, -1)
 
 
 class StepKV(Protocol):
@@ -65,8 +78,8 @@ class Transformer(nn.Module):
         self.norm = make_norm("layernorm" if gpt2 else "rmsnorm", cfg.dim, eps=cfg.norm_eps, bias=gpt2)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if not gpt2:
-            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if not gpt2:  # real tables even when the layers are built on the meta device
+            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device="cpu")
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
             self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)
@@ -110,6 +123,22 @@ class Transformer(nn.Module):
         return x
 
 
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Layers built inside skip their random init (the checkpoint replaces every value), as
+    transformers' ``no_init_weights`` does. On the meta device the init would only cost time:
+    its first call imports torch._dynamo (~1 s, several on a busy machine)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *args, **kwargs: t)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def build_transformer(
     cfg: TransformerConfig,
     state_dict: dict[str, Any] | None = None,
@@ -127,22 +156,20 @@ def build_transformer(
         return Transformer(cfg).to(dtype).eval()
     plain = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, Tensor)}
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Transformer(cfg)
     try:
         missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch: say which tensor, in one line
         raise UserError(f"checkpoint does not match its config: {str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if k not in quantized]
-    unexpected = list(unexpected) + [k for k in quantized if k != "lm_head.weight" and k not in model.state_dict()]
+    names = model.state_dict().keys()
+    unexpected = list(unexpected) + [k for k in quantized if k != "lm_head.weight" and k not in names]
     if missing or unexpected:
         raise UserError(
             f"checkpoint does not match the {cfg.arch} architecture: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    if not cfg.gpt2:  # buffers are not in the state dict: rebuild them for real
-        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        model.rope_cos, model.rope_sin, model.rope_sin_signed = cos, sin, signed_sin(sin)
     if quantized:
         if quantized_linear is None:
             raise UserError(
@@ -156,8 +183,20 @@ def build_transformer(
 def attach_linear_weights(model: nn.Module, weights: dict[str, Any], make_linear: LinearFactory) -> nn.Module:
     """Replace the linear layer each ``"<module path>.weight"`` names by ``make_linear(weight,
     bias)``, keeping the layer's bias; ``lm_head.weight`` on a tied model creates the head.
-    Each weight must have a ``shape`` equal to the layer's (out, in)."""
+    Each weight must have a ``shape`` equal to the layer's (out, in).
+
+    A quantized ``embed.weight`` becomes a :class:`RowEmbedding` over ``make_linear(weight,
+    None)`` (which must have ``rows(ids)``); on a tied model without its own ``lm_head.weight``
+    that same layer is the output projection, so the table is stored once."""
     for name, w in weights.items():
+        if name == "embed.weight":
+            if tuple(w.shape) != tuple(model.embed.weight.shape):
+                raise UserError(f"quantized tensor {name} has shape {tuple(w.shape)}, the embedding {tuple(model.embed.weight.shape)}")
+            layer = make_linear(w, None)
+            model.embed = RowEmbedding(layer)
+            if getattr(model.cfg, "tie_embeddings", False) and "lm_head.weight" not in weights:
+                model.lm_head = layer
+            continue
         path = name.removesuffix(".weight")
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

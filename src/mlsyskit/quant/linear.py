@@ -1,32 +1,97 @@
 """Weight-only quantized linear layers and ``quantize_(model, config)`` (torchao's shape).
 
-``QuantLinear`` keeps only the integer codes and their scales (no float copy of the weight):
+Two layers keep only quantized weights (no float copy) and run the compiled kernels of
+:mod:`mlsyskit.quant.kernels` (integer dot products on 32-element blocks, activations quantized
+to int8 per block):
 
-- 8-bit symmetric and 4-bit weights with rows a multiple of 32 run the compiled AVX2 GEMV of
-  :mod:`mlsyskit.quant.kernels` when at most 8 rows come in (decode), reading 1 or 1/2 byte per
-  weight instead of 4;
-- anything else (prefill, other bit widths, no compiler) dequantizes the weight for that call
-  and runs an fp32 matmul: prefill is compute-bound, so the dequantization is a small extra.
+- :class:`QuantLinear`: the codes of ``mlsyskit quantize`` / ``quantize_`` (8-bit, and 4-, 3-,
+  2-bit codes kept in a nibble each), with rows a multiple of 32;
+- :class:`BlockLinear`: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks, memory-mapped as the file
+  stores them (``BlockWeight`` of :mod:`mlsyskit.models.gguf_loader`).
+
+Up to ``DENSE_ROWS - 1`` rows (decode) go through the integer kernel. From ``DENSE_ROWS`` rows on
+(prefill, large batches) the weight is dequantized into a reused buffer and one dense GEMM runs,
+in ``prefill_dtype`` (float32 by default; the engine picks bfloat16 where the CPU multiplies it
+natively, AMX or AVX-512 BF16: measured here ~2x the float32 GEMM for a 512-row prefill, and
+at 16 rows already faster than the integer kernel). Without the kernels (no compiler, widths
+not a multiple of 32) the layer dequantizes in PyTorch and runs a float32 matmul.
+
+:func:`quantized_linear` is the factory the engine passes to ``build_transformer``: it turns
+either kind of quantized weight into its layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
+from mlsyskit.models.gguf_loader import BlockWeight
 from mlsyskit.models.transformer import attach_linear_weights
 from mlsyskit.quant import kernels
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
 
+DENSE_ROWS = 16  # rows from which a dequantized dense GEMM beats the integer kernel (see above)
 
-class QuantLinear(nn.Module):
-    """``y = x W^T + b`` with ``W = scale * (codes - zero)`` stored as integers."""
+_scratch = threading.local()  # per thread: dtype -> flat buffer the dense weights are written to
+
+
+def _dense_buffer(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A (rows, cols) view of this thread's reused buffer (valid until the next call)."""
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    n = shape[0] * shape[1]
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+class _KernelLinear(nn.Module):
+    """What both quantized layers share: ``forward`` picks the integer kernel or a dense GEMM."""
+
+    in_features: int
+    out_features: int
+    prefill_dtype: torch.dtype = torch.float32
+    _qw: kernels.QWeight | None = None  # the weight as the kernels see it; None: no kernels
+
+    def weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight in ``dtype``, written by the kernels into a reused buffer when they are
+        available (valid until the next call), else dequantized by PyTorch."""
+        if self._qw is None:
+            return self.weight().to(dtype)
+        return kernels.dequantize(self._qw, dtype, out=_dense_buffer(self._qw.shape, dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self._qw is not None and x2.shape[0] < DENSE_ROWS:
+            y = kernels.qmatmul(x2, self._qw)
+        else:
+            w = self.dense_weight(self.prefill_dtype)
+            y = (x2.to(w.dtype) @ w.t()).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantLinear(_KernelLinear):
+    """``y = x W^T + b`` with ``W = scale * (codes - zero)`` stored as integers.
+
+    ``kind``: ``"q8"`` (int8 codes, asymmetric ones stored as q - 128 with the zero point
+    - 128), ``"q4"`` (codes of up to 4 bits packed two per byte in GGUF's nibble order,
+    symmetric ones stored as q + 8 with a zero point of 8), or ``"dequant"`` (no kernel for this
+    shape or machine: the codes as they are).
+    """
 
     def __init__(self, qt: QuantizedTensor, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -64,6 +129,25 @@ class QuantLinear(nn.Module):
                 "zero", None if qt.zero is None else qt.zero.float().expand(n, g).contiguous()
             )
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._qw = self._kernel_weight()
+
+    def _kernel_weight(self) -> kernels.QWeight | None:
+        if self.kind == "dequant":
+            return None
+        fmt = "I8" if self.kind == "q8" else "U4"
+        gb = self.in_features // self.scale.shape[1] // kernels.BLOCK
+        part = kernels.Part(fmt, self.codes.view(torch.uint8), self.scale, self.zero, group_blocks=gb)
+        return kernels.QWeight([part], self.in_features)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> QuantLinear:
+        # .to(dtype) must not touch what the kernels read (float32 scales and zeros), and the
+        # kernels must see the buffers' new addresses
+        super()._apply(fn, recurse)
+        self.scale = self.scale.float().contiguous()
+        if self.zero is not None:
+            self.zero = self.zero.float().contiguous()
+        self._qw = self._kernel_weight()
+        return self
 
     @classmethod
     def from_linear(
@@ -91,19 +175,6 @@ class QuantLinear(nn.Module):
             q = q - self.zero.unsqueeze(-1)
         return (q * self.scale.unsqueeze(-1)).view(n, k)
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.kind == "q8" and x2.shape[0] <= kernels.MAX_ROWS:
-            y = kernels.q8_gemv(x2, self.codes, self.scale, self.zero)
-        elif self.kind == "q4" and x2.shape[0] <= kernels.MAX_ROWS:
-            y = kernels.q4_gemv(x2, self.codes, self.scale, self.zero)
-        else:
-            y = x2 @ self.weight().t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
-
     @property
     def nbytes(self) -> int:
         """Bytes held in memory (codes, scales, zeros, bias)."""
@@ -112,6 +183,63 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.scheme
         return f"{self.in_features}, {self.out_features}, bits={s.bits}, {s.granularity}, kernel={self.kind}"
+
+
+class BlockLinear(_KernelLinear):
+    """A linear layer computing on a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks in place (the
+    memory-mapped file is the weight; parts fused without copying, Q/K rows reordered by index).
+
+    Also serves embedding lookups (:meth:`rows`) when the weight is a token table.
+    """
+
+    def __init__(self, weight: BlockWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.block_weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.formats = sorted({p.qtype for p in weight.parts})
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._perms = [None if p.perm is None else torch.from_numpy(p.perm) for p in weight.parts]
+        self._qw = None
+        if kernels.available():
+            parts = [kernels.Part(p.qtype, p.data, perm=perm) for p, perm in zip(weight.parts, self._perms, strict=True)]
+            self._qw = kernels.QWeight(parts, self.in_features)
+        else:
+            kernels.warn_unavailable("GGUF blocks are dequantized on every call (slow)")
+
+    def weight(self) -> Tensor:
+        return self.block_weight.dequantize()
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weight, dequantized (float32): an embedding lookup."""
+        if self._qw is None or len(self._perms) != 1 or self._perms[0] is not None:
+            return self.weight()[ids.reshape(-1)]
+        return kernels.gather_rows(self._qw, ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks (memory-mapped, shared with the page cache) and the bias."""
+        return self.block_weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {'+'.join(self.formats)} blocks"
+
+
+def quantized_linear(weight: Any, bias: Tensor | None) -> nn.Module:
+    """The layer for a quantized weight of a checkpoint: :class:`QuantLinear` for a
+    :class:`QuantizedTensor`, :class:`BlockLinear` for a GGUF ``BlockWeight`` (the
+    ``quantized_linear`` factory of ``build_transformer``)."""
+    if isinstance(weight, BlockWeight):
+        return BlockLinear(weight, bias)
+    if isinstance(weight, QuantizedTensor):
+        return QuantLinear(weight, bias)
+    raise UserError(f"no quantized layer for a weight of type {type(weight).__name__}")
+
+
+def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """The dtype of the dense GEMMs the quantized layers run from ``DENSE_ROWS`` rows on."""
+    for m in model.modules():
+        if isinstance(m, _KernelLinear):
+            m.prefill_dtype = dtype
 
 
 @dataclass
@@ -201,11 +329,14 @@ def attach_quantized(model: nn.Module, weights: dict[str, QuantizedTensor]) -> n
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers actually held (quantized layers count their codes)."""
+    """Bytes of parameters and buffers actually held (quantized layers count their codes, GGUF
+    block layers their memory-mapped blocks)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.nbytes
+    for m in {id(m): m for m in model.modules() if isinstance(m, BlockLinear)}.values():
+        total += m.block_weight.nbytes
     return total
