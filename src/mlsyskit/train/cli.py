@@ -65,14 +65,21 @@ def _train(args: argparse.Namespace) -> int:
         if cfg.out is None:
             cfg = dataclasses.replace(cfg, out=f"runs/train-{cfg.dataset}-{cfg.model}")
         return _slurm(args, cfg)
+    from mlsyskit.errors import UserError
     from mlsyskit.train.trainer import resume, train
 
     progress = show_progress(args.progress)
-    if args.resume:
-        summary = resume(args.resume, set_flags, progress=progress)
-    else:
-        summary = train(TrainConfig(**set_flags), progress=progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+    root = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    try:
+        if args.resume:
+            summary = resume(args.resume, set_flags, progress=progress)
+        else:
+            summary = train(TrainConfig(**set_flags), progress=progress)
+    except UserError:
+        if not root:  # every rank meets the same error; rank 0 alone prints it
+            return 2
+        raise
+    if root:
         acc = summary["final_accuracy"]
         state = "complete" if summary["complete"] else f"stopped at step {summary['steps']} (--resume continues)"
         if acc is not None:
