@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mlsyskit.bigdata import cli as bigdata_cli
     from mlsyskit.cluster import cli as cluster_cli
     from mlsyskit.engine import cli as engine_cli
+    from mlsyskit.fl import cli as fl_cli
     from mlsyskit.hpc import cli as hpc_cli
     from mlsyskit.quant import cli as quant_cli
     from mlsyskit.serve import cli as serve_cli
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mlsyskit.vector import cli as vector_cli
 
     engine_cli.register(sub)
+    fl_cli.register(sub)
     quant_cli.register(sub)
     vector_cli.register(sub)
     train_cli.register(sub)

@@ -1,9 +1,10 @@
-"""Federated learning simulated on one machine: the round loop of McMahan et al.'s FedAvg.
+"""The server's round loop of McMahan et al.'s FedAvg, once, under several transports.
 
-Data are loaded once as tensors; clients are index arrays into them. Each round the
-strategy samples clients, they train locally (vectorized or sequentially), attacks and
-dropout are applied, non-finite updates are rejected, updates are clipped (when asked), and the
-strategy aggregates; an aggregate that is not finite or whose step jumps by orders of magnitude
+Each round the strategy samples clients, dropout is applied, a `Transport` sends them the
+global model and brings back their updates (`InProcess`: the clients are simulated in this
+process, data loaded once as tensors and clients as index arrays into them; the gRPC transport
+of `mlsyskit.fl.grpc_server`: client processes), non-finite updates are rejected, updates are
+clipped (when asked), and the strategy aggregates; an aggregate that is not finite or whose step jumps by orders of magnitude
 is not committed, and a run that commits nothing for STALL_ROUNDS rounds in a row stops.
 Every source of randomness is derived from (seed, round, client), so a resumed run
 follows exactly the trajectory of an uninterrupted one.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +78,67 @@ class RoundResult:
     train_loss: float | None
     train_s: float
     note: str | None = None  # why nothing (or not everything) was committed, for the log
+    dropped: list[int] = field(default_factory=list)  # sampled clients whose update never came
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class Collected:
+    """What a transport brought back from one round's clients."""
+
+    ids: list[int]  # clients whose update is a (P,) model, in the order they were asked
+    models: torch.Tensor  # (len(ids), P)
+    losses: torch.Tensor  # (len(ids),) mean local training loss
+    train_s: float
+    malformed: list[int] = field(default_factory=list)  # answered with something not a model
+    missing: list[int] = field(default_factory=list)  # asked, but no answer by the deadline
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Transport(Protocol):
+    """How the round loop reaches its clients: send the global model, collect their models."""
+
+    def start(self, fed: Federation) -> None: ...
+
+    def collect(self, fed: Federation, rnd: int, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray) -> Collected: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """The simulation: every client trains in this process (bytes counted as 4 * P per model)."""
+
+    def start(self, fed: Federation) -> None:
+        pass
+
+    def collect(self, fed: Federation, rnd: int, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray) -> Collected:
+        t0 = time.perf_counter()
+        models, losses = train_clients(fed, rnd, global_w, active)
+        train_s = time.perf_counter() - t0
+        for i, c in enumerate(active):
+            if c in fed.malicious:
+                models[i] = poison_update(fed, rnd, int(c), models[i], global_w)
+        size = 4 * fed.num_params
+        return Collected(
+            ids=active.tolist(),
+            models=models,
+            losses=losses,
+            train_s=train_s,
+            bytes_up=len(active) * size,
+            bytes_down=len(sampled) * size,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def poison_update(fed: Federation, rnd: int, client: int, model: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
+    """What malicious `client` sends in round `rnd` (seeded by run, round and client)."""
+    cfg = fed.cfg
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, client, 1]).integers(2**62)))
+    return poison(cfg.attack, model, global_w, cfg.attack_scale, gen)
 
 
 def setup(cfg: FLConfig) -> Federation:
@@ -143,25 +205,34 @@ def train_clients(fed: Federation, rnd: int, global_w: torch.Tensor, ids: np.nda
     return torch.cat(models), torch.cat(losses)
 
 
-def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
-    """One communication round: sample, (drop out), train, (attack), reject non-finite, aggregate."""
+def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Transport | None = None) -> RoundResult:
+    """One communication round: sample, (drop out), send and collect through `transport`
+    (default: in process), reject non-finite, aggregate."""
     cfg = fed.cfg
+    transport = transport or InProcess()
     rng = np.random.default_rng([cfg.seed, rnd])
     sampled = fed.strategy.configure_fit(len(fed.parts), cfg.fraction, rng)
     active = sampled[rng.random(len(sampled)) >= cfg.dropout]
-    t0 = time.perf_counter()
+    dropout = sorted(set(sampled.tolist()) - set(active.tolist()))
     if len(active) == 0:
-        return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0)
-    models, losses = train_clients(fed, rnd, global_w, active)
-    train_s = time.perf_counter() - t0
-    for i, c in enumerate(active):
-        if c in fed.malicious:
-            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, int(c), 1]).integers(2**62)))
-            models[i] = poison(cfg.attack, models[i], global_w, cfg.attack_scale, gen)
-    ok = finite_rows(models)
-    rejected = active[~ok.numpy()].tolist()
-    note = f"rejected non-finite update(s) from client(s) {rejected}" if rejected else None
-    weights = torch.from_numpy(fed.counts[active]).float()
+        # the simulation counts the model as sent to every sampled client, as before transports
+        down = len(sampled) * 4 * fed.num_params if isinstance(transport, InProcess) else 0
+        return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0, dropped=dropout, bytes_down=down)
+    got = transport.collect(fed, rnd, global_w, sampled, active)
+    answered = set(got.ids) | set(got.malformed)
+    trained = [int(c) for c in active if int(c) in answered]
+    ids = np.array(got.ids, dtype=np.int64)
+    models, losses = got.models, got.losses
+    ok = finite_rows(models) if len(ids) else torch.zeros(0, dtype=torch.bool)
+    nonfinite = ids[~ok.numpy()].tolist()
+    rejected = sorted(got.malformed + nonfinite)
+    notes = []
+    if nonfinite:
+        notes.append(f"rejected non-finite update(s) from client(s) {nonfinite}")
+    if got.malformed:
+        notes.append(f"rejected malformed update(s) from client(s) {sorted(got.malformed)}")
+    note = "; ".join(notes) or None
+    weights = torch.from_numpy(fed.counts[ids]).float()
     new_w = global_w
     if ok.any():
         accepted = models[ok]
@@ -179,17 +250,20 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor) -> RoundResult:
             # the old server state.
             fed.strategy.load_state_dict(saved)
             new_w = global_w
-            rejected = active.tolist()
+            rejected = list(trained)
             note = f"aggregate not committed ({why}); the model stays as it was"
     finite_loss = losses[torch.isfinite(losses)]
     return RoundResult(
         global_w=new_w,
         sampled=sampled.tolist(),
-        trained=active.tolist(),
+        trained=trained,
         rejected=rejected,
         train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
-        train_s=train_s,
+        train_s=got.train_s,
         note=note,
+        dropped=sorted(dropout + got.missing),
+        bytes_up=got.bytes_up,
+        bytes_down=got.bytes_down,
     )
 
 
@@ -212,11 +286,12 @@ def default_out(cfg: FLConfig) -> Path:
     return Path("runs") / f"{cfg.dataset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None, transport: Transport | None = None) -> dict[str, Any]:
     """Start a new run in `cfg.out`; returns the summary (also written to summary.json).
 
     `stop_after` ends the process's work after that round as if it were killed there
-    (used to test `--resume`); the run directory is left resumable.
+    (used to test `--resume`); the run directory is left resumable. `transport` reaches the
+    clients (default: simulated in this process).
     """
     cfg = cfg.resolved()
     out = rundir.new_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
@@ -237,7 +312,7 @@ def run(cfg: FLConfig, *, progress: bool = True, stop_after: int | None = None) 
         test_source=fed.data.test_source,
     )
     rundir.write_json(out / rundir.PARTITION, stats)
-    return _loop(fed, out, [], start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after)
+    return _loop(fed, out, [], start=0, global_w=get_flat(fed.model), progress=progress, stop_after=stop_after, transport=transport)
 
 
 def _role_names(fed: Federation) -> list[str] | None:
@@ -252,7 +327,9 @@ def _role_names(fed: Federation) -> list[str] | None:
 RESUME_OVERRIDES = ("rounds", "target_accuracy", "eval_every", "checkpoint_every", "parallel_clients", "threads")
 
 
-def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def resume(
+    run_dir: str | Path, overrides: dict[str, Any] | None = None, *, progress: bool = True, stop_after: int | None = None, transport: Transport | None = None
+) -> dict[str, Any]:
     """Continue a killed (or finished) run from its last checkpoint, with its saved config.
 
     Only the fields in RESUME_OVERRIDES may change; anything else would change the
@@ -287,15 +364,41 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, prog
     rows = rundir.read_metrics(out, upto_round=rnd)
     rundir.rewrite_metrics(out, rows)
     rundir.write_json(out / rundir.CONFIG, cfg.to_json())
-    return _loop(fed, out, rows, start=rnd, global_w=global_w, progress=progress, stop_after=stop_after)
+    return _loop(fed, out, rows, start=rnd, global_w=global_w, progress=progress, stop_after=stop_after, transport=transport)
 
 
 def _loop(
-    fed: Federation, out: Path, rows: list[dict[str, Any]], *, start: int, global_w: torch.Tensor, progress: bool, stop_after: int | None
+    fed: Federation,
+    out: Path,
+    rows: list[dict[str, Any]],
+    *,
+    start: int,
+    global_w: torch.Tensor,
+    progress: bool,
+    stop_after: int | None,
+    transport: Transport | None = None,
 ) -> dict[str, Any]:
-    """Rounds start+1..R; `rows` are the metrics already on disk (a resumed run's)."""
+    """Rounds start+1..R through `transport`; `rows` are the metrics already on disk (a resumed run's)."""
+    transport = transport or InProcess()
+    transport.start(fed)
+    try:
+        return _rounds(fed, out, rows, start=start, global_w=global_w, progress=progress, stop_after=stop_after, transport=transport)
+    finally:
+        transport.close()
+
+
+def _rounds(
+    fed: Federation,
+    out: Path,
+    rows: list[dict[str, Any]],
+    *,
+    start: int,
+    global_w: torch.Tensor,
+    progress: bool,
+    stop_after: int | None,
+    transport: Transport,
+) -> dict[str, Any]:
     cfg = fed.cfg
-    bytes_model = 4 * fed.num_params
     bar = tqdm(total=cfg.rounds, initial=start, desc=f"{cfg.strategy} {cfg.dataset}", unit="round", file=sys.stderr, disable=not progress)
     reached = next((r["round"] for r in rows if cfg.target_accuracy and (r.get("test_accuracy") or 0) >= cfg.target_accuracy), None)
     rnd = start
@@ -304,7 +407,7 @@ def _loop(
         if reached is not None:
             break
         t0 = time.perf_counter()
-        res = run_round(fed, rnd, global_w)
+        res = run_round(fed, rnd, global_w, transport)
         global_w = res.global_w
         row: dict[str, Any] = {"round": rnd, "test_accuracy": None, "test_loss": None}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -315,8 +418,9 @@ def _loop(
             clients=len(res.trained),
             sampled=len(res.sampled),
             rejected=res.rejected,
-            bytes_up=len(res.trained) * bytes_model,
-            bytes_down=len(res.sampled) * bytes_model,
+            dropped=res.dropped,
+            bytes_up=res.bytes_up,
+            bytes_down=res.bytes_down,
             train_s=round(res.train_s, 4),
             wall_s=round(time.perf_counter() - t0, 4),
         )

@@ -1,0 +1,261 @@
+"""`mlsyskit fl server|client|launch`: federated learning across processes over gRPC.
+
+Imported on every `mlsyskit` invocation: nothing heavy at module level (grpc, torch and the
+round loop are imported inside the handlers). The server takes every round and strategy flag
+of `mlsyskit fedavg` (generated from `FLConfig`, as there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlsyskit.errors import UserError
+from mlsyskit.fl.config import FLConfig
+from mlsyskit.runtime import add_progress_flag, show_progress
+
+FULL = "full"
+FAULTS = ("nan", "wrong-shape", "garbage", "oversize")  # mirrors grpc_client.FAULTS (kept light)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == FULL:
+        return FULL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid batch size {text!r}; give a positive integer or 'full'") from None
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per FLConfig field, as `mlsyskit fedavg` has them."""
+    for f in dataclasses.fields(FLConfig):
+        default = "full" if f.name == "batch_size" and f.default is None else f.default
+        help_text = f.metadata["help"]
+        shown = f" (default: {default})" if default is not None else ("" if "default" in help_text else " (default: off)")
+        hint = str(f.type)
+        kind = _batch_size if f.name == "batch_size" else int if "int" in hint else float if "float" in hint else str
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       metavar=f.metadata.get("metavar", f.name.upper()), help=help_text + shown)
+
+
+def _config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """The FLConfig fields given on the command line, and whether --batch-size was 'full'."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FLConfig)}
+    full = given["batch_size"] == FULL
+    return {k: v for k, v in given.items() if v is not None and v != FULL}, full
+
+
+def _add_round_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-clients", type=int, default=1, metavar="N",
+                   help="a round closes at its deadline if at least N sampled clients answered, else it is retried; the first round waits for N clients to join (default: 1)")
+    p.add_argument("--wait-for", type=int, default=None, metavar="N",
+                   help="clients that must be ready (joined, data loaded) before round 1 (default: --min-clients; fl launch: all)")
+    p.add_argument("--round-timeout", type=float, default=60.0, metavar="S", help="seconds a round waits for its clients (default: 60)")
+    p.add_argument("--join-timeout", type=float, default=300.0, metavar="S", help="seconds to wait for --min-clients clients to join (default: 300)")
+    p.add_argument("--round-retries", type=int, default=2, metavar="K", help="times a round with too few answers is retried before the run stops (default: 2)")
+
+
+def _server_options(args: argparse.Namespace, address: str, port_file: str | None) -> Any:
+    from mlsyskit.fl.grpc_server import ServerOptions, read_tokens
+
+    if args.min_clients < 1:
+        raise UserError(f"--min-clients must be at least 1 (got {args.min_clients})")
+    if args.round_timeout <= 0 or args.join_timeout <= 0:
+        raise UserError("--round-timeout and --join-timeout must be positive")
+    if args.wait_for is not None and args.wait_for < 1:
+        raise UserError(f"--wait-for must be at least 1 (got {args.wait_for})")
+    if args.round_retries < 0:
+        raise UserError(f"--round-retries must be >= 0 (got {args.round_retries})")
+    insecure = getattr(args, "insecure", True)
+    cert, key, tokens = getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tokens", None)
+    if not insecure:
+        if not (cert and key):
+            raise UserError("the server needs --tls-cert and --tls-key (or --insecure for plaintext, on loopback or a trusted network)")
+        if not tokens:
+            raise UserError("the server needs --tokens FILE (one 'CLIENT_ID TOKEN' per line), or --insecure")
+        for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+            if not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file")
+    return ServerOptions(
+        address=address,
+        min_clients=args.min_clients,
+        wait_for=args.wait_for,
+        round_timeout=args.round_timeout,
+        join_timeout=args.join_timeout,
+        round_retries=args.round_retries,
+        insecure=insecure,
+        tls_cert=cert,
+        tls_key=key,
+        tokens=read_tokens(tokens) if tokens else None,
+        port_file=port_file,
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    keys = ("final_accuracy", "best_accuracy", "rounds_run", "bytes_up", "bytes_down", "rejected_updates", "out")
+    print(json.dumps({k: summary.get(k) for k in keys}))
+
+
+def _server(args: argparse.Namespace) -> int:
+    opts = _server_options(args, args.address, args.port_file)
+    from mlsyskit.fl.grpc_server import GrpcTransport
+    from mlsyskit.fl.simulation import resume, run
+
+    given, full = _config(args)
+    transport = GrpcTransport(opts)
+    progress = show_progress(args.progress)
+    if args.resume:
+        if full:
+            given["batch_size"] = None
+        summary = resume(args.resume, given, progress=progress, transport=transport)
+    else:
+        cfg = FLConfig(**given)
+        if full:
+            cfg.batch_size = None
+        summary = run(cfg, progress=progress, transport=transport)
+    _print_summary(summary)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    if not args.insecure and not args.tls_ca:
+        raise UserError("the client needs --tls-ca (the server's CA certificate) or --insecure for plaintext")
+    token = args.token or os.environ.get("MLSYSKIT_FL_TOKEN")
+    if not args.insecure and not token:
+        raise UserError("the client needs --token (or $MLSYSKIT_FL_TOKEN), or --insecure")
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        raise UserError(f"--tls-ca {args.tls_ca}: no such file")
+    if args.client_id < 0:
+        raise UserError(f"--client-id must be >= 0 (got {args.client_id})")
+    if args.delay < 0:
+        raise UserError(f"--delay must be >= 0 (got {args.delay})")
+    from mlsyskit.fl.grpc_client import ClientOptions, run_client
+
+    result = run_client(ClientOptions(
+        server=args.server, client_id=args.client_id, data_dir=args.data_dir, insecure=args.insecure, tls_ca=args.tls_ca,
+        token=token, delay=args.delay, fault=args.fault, connect_timeout=args.connect_timeout, threads=args.threads,
+    ))
+    print(json.dumps({"client_id": args.client_id, **result}))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """A server and one client process per client id on this machine, over loopback."""
+    import subprocess
+    import tempfile
+    import time
+
+    _server_options(args, "127.0.0.1:0", None)  # check the flags before starting anything
+    given, full = _config(args)
+    cfg = FLConfig(**given)
+    if full:
+        cfg.batch_size = None
+    if cfg.dataset == "shakespeare" and cfg.clients is None:
+        raise UserError("fl launch needs --clients N (one process per client)")
+    n = cfg.resolved().clients or 0
+    argv = [sys.executable, "-m", "mlsyskit", "fl"]
+    flags = []
+    for k, v in given.items():
+        flags += ["--" + k.replace("_", "-"), str(v)]
+    if full:
+        flags += ["--batch-size", FULL]
+    with tempfile.TemporaryDirectory(prefix="mlsyskit-fl-") as tmp:
+        port_file = Path(tmp) / "port"
+        server = subprocess.Popen(
+            [*argv, "server", "--insecure", "--address", "127.0.0.1:0", "--port-file", str(port_file),
+             "--min-clients", str(args.min_clients), "--round-timeout", str(args.round_timeout),
+             "--wait-for", str(args.wait_for or n),
+             "--join-timeout", str(args.join_timeout), "--round-retries", str(args.round_retries),
+             "--progress" if show_progress(args.progress) else "--no-progress", *flags]
+        )
+        clients: list[subprocess.Popen] = []
+        try:
+            while not port_file.exists() or not port_file.read_text().strip():
+                if server.poll() is not None:
+                    raise UserError(f"the server exited ({server.returncode}) before listening; see its error above")
+                time.sleep(0.1)
+            port = port_file.read_text().strip()
+            data = ["--data-dir", cfg.data_dir] if cfg.data_dir else []
+            threads = ["--threads", str(cfg.threads)] if cfg.threads else []
+            for k in range(n):
+                clients.append(subprocess.Popen(
+                    [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", str(k), *data, *threads],
+                    stdout=subprocess.DEVNULL,
+                ))
+            rc = server.wait()
+        finally:
+            for p in [server, *clients]:
+                if p.poll() is None:
+                    try:
+                        p.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+    return rc
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `mlsyskit fl` and its subcommands to the top-level parser."""
+    fl = sub.add_parser(
+        "fl",
+        help="federated learning across processes and machines: a gRPC server and client processes",
+        description="The round loop of `mlsyskit fedavg` with its clients in other processes over gRPC: "
+        "`fl server` (run directory as fedavg's), `fl client` (one per client id), `fl launch` (both on one machine).",
+    )
+    fsub = fl.add_subparsers(dest="fl_command", metavar="SUBCOMMAND", parser_class=type(fl))
+    fsub.required = True
+    interrupted = "interrupted; the last checkpoint is kept (fl server --resume DIR continues)"
+
+    s = fsub.add_parser(
+        "server",
+        help="serve rounds to client processes over gRPC; writes the same run directory as fedavg",
+        description="Runs the FedAvg round loop with clients in other processes. Prints one JSON line with the "
+        "summary; metrics.jsonl gains real bytes_up/bytes_down and dropped (client ids that missed the deadline).",
+    )
+    s.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT", help="where to listen; port 0 picks a free one (default: 127.0.0.1:9092)")
+    _add_round_flags(s)
+    s.add_argument("--insecure", action="store_true", help="plaintext, no certificate or token (loopback demos and tests) (default: off)")
+    s.add_argument("--tls-cert", metavar="PEM", default=None, help="server certificate (PEM) (default: off)")
+    s.add_argument("--tls-key", metavar="PEM", default=None, help="server private key (PEM) (default: off)")
+    s.add_argument("--tokens", metavar="FILE", default=None, help="per-client tokens, one 'CLIENT_ID TOKEN' per line; a wrong token is refused and logged (default: off)")
+    s.add_argument("--port-file", metavar="FILE", default=None, help="write the port listened on to FILE (for --address HOST:0) (default: off)")
+    s.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR from its last checkpoint (default: off)")
+    _add_config_flags(s)
+    add_progress_flag(s, "rounds")
+    s.set_defaults(func=_server, interrupted=interrupted)
+
+    c = fsub.add_parser(
+        "client",
+        help="one client process: joins the server, trains its own partition each round it is sampled",
+        description="Gets the run's config from the server, loads the data and keeps only its own partition "
+        "(same partitioner and seed as the server), trains with fedavg's client code and sends its model. "
+        "Prints one JSON line when the server ends the run.",
+    )
+    c.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    c.add_argument("--client-id", type=int, required=True, metavar="K", help="this client's id, 0..N-1")
+    c.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the data files (default: as fedavg finds them)")
+    c.add_argument("--insecure", action="store_true", help="plaintext, no certificate or token (default: off)")
+    c.add_argument("--tls-ca", metavar="PEM", default=None, help="CA certificate that signed the server's (default: off)")
+    c.add_argument("--token", default=None, help="this client's token (default: $MLSYSKIT_FL_TOKEN)")
+    c.add_argument("--connect-timeout", type=float, default=60.0, metavar="S", help="keep retrying an unreachable server this long (default: 60)")
+    c.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: the run's --threads)")
+    c.add_argument("--delay", type=float, default=0.0, metavar="S", help="fault injection: sleep S seconds before sending each update (default: 0)")
+    c.add_argument("--fault", choices=FAULTS, default=None, help="fault injection: send a bad update (default: off)")
+    c.set_defaults(func=_client, interrupted="interrupted")
+
+    la = fsub.add_parser(
+        "launch",
+        help="a server and one client process per client on this machine (plaintext loopback)",
+        description="Starts `fl server --insecure` on a free loopback port and `fl client` for ids 0..N-1 "
+        "(N = --clients), and waits for the run to finish. Takes the server's flags.",
+    )
+    _add_round_flags(la)
+    _add_config_flags(la)
+    add_progress_flag(la, "rounds")
+    la.set_defaults(func=_launch, interrupted=interrupted)

@@ -1,0 +1,153 @@
+"""An FL client process: joins the server over gRPC, trains its own partition, sends its model.
+
+The client gets the run's config from the server, splits the data with the same partitioner
+and seed as the simulation, keeps only its own part (by client id) and trains with the same
+client code (`simulation.train_clients`, same batch plan per (seed, round, client)), so a
+deployed run follows the simulation's trajectory. Fault flags (`delay`, `fault`) exist to test
+the server's deadline and its rejection of bad updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from mlsyskit.errors import UserError
+from mlsyskit.fl import wire
+from mlsyskit.fl.config import FLConfig
+from mlsyskit.fl.simulation import Federation, poison_update, setup, train_clients
+
+FAULTS = ("nan", "wrong-shape", "garbage", "oversize")
+
+
+@dataclass
+class ClientOptions:
+    server: str
+    client_id: int
+    data_dir: str | None = None
+    insecure: bool = False
+    tls_ca: str | None = None
+    token: str | None = None
+    delay: float = 0.0  # seconds to sleep before sending each update (a slow client)
+    fault: str | None = None  # send a bad update instead of the trained one
+    connect_timeout: float = 60.0
+    threads: int | None = None
+
+
+class _Client:
+    def __init__(self, opts: ClientOptions) -> None:
+        self.opts = opts
+        if opts.insecure:
+            self.channel = grpc.insecure_channel(opts.server)
+        else:
+            ca = Path(opts.tls_ca).read_bytes()  # type: ignore[arg-type]
+            self.channel = grpc.secure_channel(opts.server, grpc.ssl_channel_credentials(root_certificates=ca))
+        self.md = [("x-client-id", str(opts.client_id)), ("x-token", opts.token or "")]
+        self.join_rpc = self.channel.unary_unary(wire.JOIN)
+        self.task_rpc = self.channel.unary_stream(wire.GET_TASK)
+        self.submit_rpc = self.channel.stream_unary(wire.SUBMIT)
+
+    def log(self, msg: str) -> None:
+        print(f"fl client {self.opts.client_id}: {msg}", file=sys.stderr, flush=True)
+
+    def call(self, what: str, fn: Any) -> Any:
+        """Run `fn`; while the server is unreachable retry for --connect-timeout seconds."""
+        deadline = time.monotonic() + self.opts.connect_timeout
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise UserError(f"the server refused this client: {details} (check --token)") from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise UserError(f"the server refused this client: {details}") from None
+                low = details.lower()
+                if any(k in low for k in ("ssl", "handshake", "certificate", "tls")):
+                    raise UserError(f"TLS with {self.opts.server} failed: {details} (check --tls-ca)") from None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > deadline:
+                    raise UserError(f"{what} on {self.opts.server} failed: {code.name}: {details}") from None
+                time.sleep(0.5)
+
+    def join(self) -> dict[str, Any]:
+        reply = self.call("joining", lambda: self.join_rpc(wire.header({"client_id": self.opts.client_id}), metadata=self.md, timeout=10))
+        return wire.parse_header(reply)
+
+
+def _local_federation(cfg: FLConfig, client_id: int) -> Federation:
+    """The run's federation as this client sees it: only its own training samples kept."""
+    fed = setup(cfg)
+    if client_id >= len(fed.parts):
+        raise UserError(f"--client-id {client_id} is out of range: the run has clients 0..{len(fed.parts) - 1}")
+    own = fed.parts[client_id]
+    data = fed.data
+    fed.data = dataclasses.replace(
+        data, train_x=data.train_x[torch.from_numpy(own)], train_y=data.train_y[torch.from_numpy(own)], test_x=data.test_x[:0], test_y=data.test_y[:0]
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    fed.parts = [np.arange(len(own)) if c == client_id else empty for c in range(len(fed.parts))]
+    return fed
+
+
+def _payload(w: torch.Tensor, fault: str | None) -> bytes:
+    if fault == "nan":
+        return wire.encode_model(torch.full_like(w, float("nan")))
+    if fault == "wrong-shape":
+        return wire.encode_model(w[:-1].clone())
+    if fault == "garbage":
+        return b"this is not a safetensors file" * 10
+    if fault == "oversize":
+        return wire.encode_model(torch.cat([w, w, w]))
+    return wire.encode_model(w)
+
+
+def run_client(opts: ClientOptions) -> dict[str, Any]:
+    """Join, then train and send until the server says the run is done; returns what it did."""
+    client = _Client(opts)
+    info = client.join()
+    names = {f.name for f in dataclasses.fields(FLConfig)}
+    cfg = FLConfig(**{k: v for k, v in info["config"].items() if k in names})
+    cfg = dataclasses.replace(cfg, data_dir=opts.data_dir, out=None, threads=opts.threads or cfg.threads)
+    fed = _local_federation(cfg, opts.client_id)
+    if fed.num_params != info["num_params"]:
+        raise UserError(f"this client's model has {fed.num_params} parameters, the server's {info['num_params']}")
+    client.log(f"joined {opts.server}: {cfg.model} on {cfg.dataset}, {len(fed.data.train_x)} samples of its own")
+    done: list[int] | None = None
+    rounds = 0
+    while True:
+        msgs = client.call(
+            "polling",
+            lambda done=done: list(client.task_rpc(wire.header({"done": done}), metadata=client.md, timeout=60)),
+        )
+        head = wire.parse_header(msgs[0])
+        if head["status"] == "done":
+            client.log(f"the server finished the run; {rounds} round(s) trained")
+            return {"rounds": rounds}
+        if head["status"] != "train":
+            continue
+        rnd, attempt = int(head["round"]), int(head["attempt"])
+        global_w = wire.decode_model(b"".join(msgs[1:]), fed.num_params)
+        client.log(f"round {rnd}: training")
+        t0 = time.perf_counter()
+        models, losses = train_clients(fed, rnd, global_w, np.array([opts.client_id]))
+        w = models[0]
+        if opts.client_id in fed.malicious:
+            w = poison_update(fed, rnd, opts.client_id, w, global_w)
+        train_s = time.perf_counter() - t0
+        if opts.delay:
+            time.sleep(opts.delay)
+        up = {"client_id": opts.client_id, "round": rnd, "attempt": attempt, "loss": float(losses[0]), "train_s": train_s}
+        msgs_up = wire.stream(up, _payload(w, opts.fault))
+        reply = client.call("sending", lambda msgs_up=msgs_up: client.submit_rpc(iter(msgs_up), metadata=client.md, timeout=60))
+        status = wire.parse_header(reply)
+        client.log(f"round {rnd}: sent {sum(len(m) for m in msgs_up)} bytes: {status['status']}" + (f" ({status['reason']})" if status.get("reason") else ""))
+        done = [rnd, attempt]
+        rounds += 1

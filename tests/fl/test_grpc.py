@@ -1,0 +1,210 @@
+"""Federated learning across real processes over gRPC on 127.0.0.1: server, clients, faults, TLS.
+
+Every test starts `python -m mlsyskit fl server` and `fl client` processes for real (ephemeral
+ports), with a tiny model (logreg) on a few clients for one or two rounds.
+"""
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mlsyskit.fl import FLConfig, run, wire
+
+WAIT_S = 240  # generous: several processes import torch on a shared, loaded machine
+
+
+def _run_flags(data_dir, clients, rounds=1):
+    flags = ["--dataset", "mnist-5k", "--model", "logreg", "--clients", str(clients), "--fraction", "1",
+             "--local-epochs", "1", "--batch-size", "50", "--lr", "0.1", "--rounds", str(rounds)]
+    return flags + (["--data-dir", str(data_dir)] if data_dir else [])
+
+
+def _mlsyskit(*args, log=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "mlsyskit", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=log if log is not None else subprocess.PIPE, text=True, **kw)
+
+
+class Server:
+    def __init__(self, tmp_path, *flags):
+        self.port_file = tmp_path / "port"
+        self.out = tmp_path / "run"
+        self.log_path = tmp_path / "server.log"
+        self.log = open(self.log_path, "w")
+        self.proc = _mlsyskit("fl", "server", "--address", "127.0.0.1:0", "--port-file", self.port_file,
+                              "--out", self.out, "--no-progress", *flags, log=self.log)
+        deadline = time.monotonic() + WAIT_S
+        while not (self.port_file.exists() and self.port_file.read_text().strip()):
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "server never listened"
+            time.sleep(0.1)
+        self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
+
+    def text(self):
+        return self.log_path.read_text()
+
+    def wait(self):
+        try:
+            rc = self.proc.wait(timeout=WAIT_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+        assert rc == 0, self.text()
+        return [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _client(server, k, data_dir, *flags):
+    data = ["--data-dir", data_dir] if data_dir else []
+    return _mlsyskit("fl", "client", "--server", server.address, "--client-id", k, *data, *flags)
+
+
+def _stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
+    flags = _run_flags(data_dir, clients=3, rounds=2)
+    done = subprocess.run([sys.executable, "-m", "mlsyskit", "fl", "launch", *flags, "--out", tmp_path / "deployed",
+                           "--round-timeout", "120", "--no-progress"], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    deployed = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
+    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=3,
+                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / "sim"))
+    sim_summary = run(cfg, progress=False)
+    simulated = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in deployed] == [1, 2]
+    for d, s in zip(deployed, simulated, strict=True):
+        assert d["clients"] == s["clients"] == 3 and d["dropped"] == [] and d["rejected"] == []
+        assert d["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=2e-3)
+        assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-3)
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-3)
+        # real bytes on the wire: the model (4 bytes per parameter) plus safetensors and JSON headers
+        model_bytes = 4 * sim_summary["parameters"]
+        assert 3 * model_bytes < d["bytes_up"] < 3 * (model_bytes + 2000)
+        assert 3 * model_bytes < d["bytes_down"] < 3 * (model_bytes + 2000)
+    assert summary["final_accuracy"] > 0.7  # chance is 0.1
+    for f in ("config.json", "summary.json", "model.safetensors", "checkpoint.safetensors", "partition.json"):
+        assert (tmp_path / "deployed" / f).stat().st_size > 0
+
+
+def test_killed_and_slow_clients_do_not_stall_the_round(tmp_path, data_dir):
+    timeout = 6
+    server = Server(tmp_path, *_run_flags(data_dir, clients=4), "--insecure", "--min-clients", "2",
+                    "--wait-for", "4", "--round-timeout", timeout)
+    killed = _client(server, 2, data_dir, "--insecure", "--delay", "60")
+    slow = _client(server, 3, data_dir, "--insecure", "--delay", "60")
+    fast = [_client(server, k, data_dir, "--insecure") for k in (0, 1)]
+    try:
+        for line in killed.stderr:  # SIGKILL it mid-round: after it got the model, before it answers
+            if "round 1: training" in line:
+                killed.send_signal(signal.SIGKILL)
+                break
+        rows = server.wait()
+    finally:
+        _stop(killed, slow, *fast)
+    assert killed.returncode == -signal.SIGKILL
+    (row,) = rows
+    assert row["dropped"] == [2, 3] and row["clients"] == 2 and row["rejected"] == []
+    assert timeout - 0.5 < row["wall_s"] < timeout + 15  # closed at the deadline, not after the 60 s delay
+    assert row["test_accuracy"] > 0.5
+    assert "no update from client(s) [2, 3]" in server.text()
+    assert all(p.returncode == 0 for p in fast)
+
+
+def test_bad_updates_are_rejected_and_logged_with_the_client_id(tmp_path, data_dir):
+    server = Server(tmp_path, *_run_flags(data_dir, clients=5), "--insecure", "--wait-for", "5", "--round-timeout", 120)
+    faults = {1: "wrong-shape", 2: "garbage", 3: "nan", 4: "oversize"}
+    procs = [_client(server, k, data_dir, "--insecure", *(["--fault", faults[k]] if k in faults else [])) for k in range(5)]
+    try:
+        rows = server.wait()
+    finally:
+        _stop(*procs)
+    (row,) = rows
+    assert row["rejected"] == [1, 2, 3, 4] and row["clients"] == 5 and row["dropped"] == []
+    assert row["test_accuracy"] > 0.5  # client 0's honest update was aggregated; the server kept serving
+    log = server.text()
+    assert "client 1: rejected its update for round 1: wrong shape" in log
+    assert "client 2: rejected its update for round 1: not a safetensors blob" in log
+    assert "client 4: rejected its update for round 1: oversize" in log
+    assert "non-finite update(s) from client(s) [3]" in log
+
+
+def _self_signed(tmp_path, name):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_and_tokens_refuse_a_wrong_token_or_certificate(tmp_path, data_dir):
+    cert, key = _self_signed(tmp_path, "server")
+    other_ca, _ = _self_signed(tmp_path, "other")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# id token\n0 s3cret-zero\n")
+    server = Server(tmp_path, *_run_flags(data_dir, clients=1), "--tls-cert", cert, "--tls-key", key, "--tokens", tokens,
+                    "--round-timeout", 120)
+    bad_token = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "guess", "--connect-timeout", "20")
+    bad_ca = _client(server, 0, data_dir, "--tls-ca", other_ca, "--token", "s3cret-zero", "--connect-timeout", "20")
+    try:
+        _, err_token = bad_token.communicate(timeout=WAIT_S)
+        _, err_ca = bad_ca.communicate(timeout=WAIT_S)
+        assert bad_token.returncode == 2 and "refused this client" in err_token and "Traceback" not in err_token
+        assert bad_ca.returncode == 2 and "TLS" in err_ca and "Traceback" not in err_ca
+        good = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "s3cret-zero")
+        rows = server.wait()
+        out, err = good.communicate(timeout=WAIT_S)
+    finally:
+        _stop(bad_token, bad_ca)
+    assert good.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == {"client_id": 0, "rounds": 1}
+    assert rows[0]["clients"] == 1 and rows[0]["test_accuracy"] > 0.5
+    assert "refused client 0" in server.text() and "wrong or missing token" in server.text()
+
+
+def test_plaintext_needs_an_explicit_insecure(tmp_path):
+    for args in (["fl", "server", "--out", tmp_path / "x"], ["fl", "client", "--server", "127.0.0.1:1", "--client-id", "0"]):
+        done = subprocess.run([sys.executable, "-m", "mlsyskit", *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "--insecure" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_wire_decoding_rejects_what_is_not_the_model():
+    w = torch.arange(6, dtype=torch.float32)
+    assert torch.equal(wire.decode_model(wire.encode_model(w), 6), w)
+    for blob, why in [
+        (wire.encode_model(w[:5].clone()), "wrong shape"),
+        (wire.encode_model(w.double()), "dtype"),
+        (b"\x00" * 64, "not a safetensors"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            wire.decode_model(blob, 6)
+    assert b"".join(list(wire.stream({"a": 1}, b"x" * (wire.CHUNK + 1)))[1:]) == b"x" * (wire.CHUNK + 1)
+    assert os.environ.get("OMP_NUM_THREADS") == "1"  # conftest: one thread per process
