@@ -15,6 +15,7 @@ from mlsyskit.errors import UserError
 
 ATTACKS = ("sign-flip", "scale", "noise", "label-flip", "nan")
 CLIENT_EXEC = ("auto", "vmap", "sequential")
+ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")  # not a mean: no DP noise calibration
 DEFAULT_LR = {"lstm": 1.47, "transformer": 0.5}  # image models: 0.05
 
 
@@ -42,6 +43,9 @@ class FLConfig:
     trim_ratio: float = _f(0.1, "fraction trimmed from each end per coordinate by trimmed-mean, in [0, 0.5)")
     krum_f: int = _f(1, "Byzantine clients tolerated by krum/multi-krum (needs more than 2f + 2 clients a round)")
     max_update_norm: float | None = _f(None, "clip each client's update (its model minus the global model) to this L2 norm before aggregation, as in DP-FedAvg; bounds what one client can move the model", metavar="C")
+    dp_clip: float | None = _f(None, "client-level differential privacy (DP-FedAvg): clip each update to this L2 norm, weight the round's clients equally and add Gaussian noise of std --dp-noise-multiplier x C to their sum; epsilon at --dp-delta goes to metrics.jsonl", metavar="C")
+    dp_noise_multiplier: float | None = _f(None, "noise multiplier z of DP-FedAvg (needs --dp-clip; default 1.0 with --dp-clip)", metavar="Z")
+    dp_delta: float = _f(1e-5, "delta at which the privacy accountant reports epsilon")
     malicious: int = _f(0, "number of malicious clients (a fixed, seeded subset)")
     attack: str = _f("sign-flip", "what malicious clients send: sign-flip, scale, noise, label-flip, nan")
     attack_scale: float = _f(10.0, "strength of sign-flip (-s * update), scale (s * update) and noise (std s * update std)")
@@ -107,6 +111,15 @@ class FLConfig:
         need(
             self.max_update_norm is None or 0 < self.max_update_norm < float("inf"),
             f"--max-update-norm must be positive and finite (got {self.max_update_norm})",
+        )
+        need(self.dp_clip is None or 0 < self.dp_clip < float("inf"), f"--dp-clip must be positive and finite (got {self.dp_clip})")
+        need(self.dp_noise_multiplier is None or self.dp_clip is not None, "--dp-noise-multiplier needs --dp-clip C (the norm the noise is scaled to)")
+        need(self.dp_noise_multiplier is None or self.dp_noise_multiplier >= 0, f"--dp-noise-multiplier must be >= 0 (got {self.dp_noise_multiplier})")
+        need(0 < self.dp_delta < 1, f"--dp-delta must be in (0, 1) (got {self.dp_delta})")
+        need(
+            self.dp_clip is None or self.strategy not in ROBUST,
+            f"--dp-clip calibrates noise to a mean of clipped updates; --strategy {self.strategy} is not a mean "
+            "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)",
         )
         need(self.malicious >= 0, f"--malicious must be >= 0 (got {self.malicious})")
         need(

@@ -120,7 +120,7 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
     if fed.num_params != info["num_params"]:
         raise UserError(f"this client's model has {fed.num_params} parameters, the server's {info['num_params']}")
     client.log(f"joined {opts.server}: {cfg.model} on {cfg.dataset}, {len(fed.data.train_x)} samples of its own")
-    done: list[int] | None = None
+    done: list[Any] | None = None  # [server instance, round, attempt] last answered
     rounds = 0
     while True:
         msgs = client.call(
@@ -144,10 +144,10 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
         train_s = time.perf_counter() - t0
         if opts.delay:
             time.sleep(opts.delay)
-        up = {"client_id": opts.client_id, "round": rnd, "attempt": attempt, "loss": float(losses[0]), "train_s": train_s}
+        up = {"client_id": opts.client_id, "server": head.get("server"), "round": rnd, "attempt": attempt, "loss": float(losses[0]), "train_s": train_s}
         msgs_up = wire.stream(up, _payload(w, opts.fault))
         reply = client.call("sending", lambda msgs_up=msgs_up: client.submit_rpc(iter(msgs_up), metadata=client.md, timeout=60))
         status = wire.parse_header(reply)
         client.log(f"round {rnd}: sent {sum(len(m) for m in msgs_up)} bytes: {status['status']}" + (f" ({status['reason']})" if status.get("reason") else ""))
-        done = [rnd, attempt]
+        done = [head.get("server"), rnd, attempt]
         rounds += 1

@@ -13,6 +13,7 @@ Bytes are counted as the gRPC message payloads this server sends and receives.
 from __future__ import annotations
 
 import hmac
+import secrets
 import sys
 import threading
 import time
@@ -98,6 +99,9 @@ class GrpcTransport:
         self.server: grpc.Server | None = None
         self.fed: Federation | None = None
         self.port = 0
+        # names this server process in task ids, so a client that trained round r for a killed
+        # server is served round r again by the resumed one
+        self.instance = secrets.token_hex(4)
 
     # -- the Transport protocol ---------------------------------------------------------------
     def start(self, fed: Federation) -> None:
@@ -255,8 +259,8 @@ class GrpcTransport:
                     head, task = {"status": "done"}, None
                     break
                 task = self.task
-                if task and cid in task.active and cid not in task.received and cid not in task.malformed and done != [task.rnd, task.attempt]:
-                    head = {"status": "train", "round": task.rnd, "attempt": task.attempt, "bytes": len(task.blob)}
+                if task and cid in task.active and cid not in task.received and cid not in task.malformed and done != [self.instance, task.rnd, task.attempt]:
+                    head = {"status": "train", "round": task.rnd, "attempt": task.attempt, "server": self.instance, "bytes": len(task.blob)}
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or not context.is_active():
@@ -281,7 +285,10 @@ class GrpcTransport:
             return wire.header({"status": "rejected", "reason": "no JSON header"})
         with self.cond:
             task = self.task
-        current = task is not None and head.get("round") == task.rnd and head.get("attempt") == task.attempt and cid in task.active
+        current = (
+            task is not None and head.get("server") == self.instance and head.get("round") == task.rnd
+            and head.get("attempt") == task.attempt and cid in task.active
+        )
         limit = (len(task.blob) if task else 4 * self.fed.num_params + 4096) + 4096
         buf = bytearray()
         reason = None

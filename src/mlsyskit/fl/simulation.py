@@ -233,17 +233,27 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         notes.append(f"rejected malformed update(s) from client(s) {sorted(got.malformed)}")
     note = "; ".join(notes) or None
     weights = torch.from_numpy(fed.counts[ids]).float()
+    if cfg.dp_clip is not None:
+        weights = torch.ones(len(ids))  # DP-FedAvg: equal weights bound each client's influence to C/K
     new_w = global_w
     if ok.any():
         accepted = models[ok]
         deltas = accepted.double() - global_w.double()  # float64: a 1e38-scaled update has a norm
         norms = deltas.norm(dim=1)
-        if cfg.max_update_norm is not None:
-            factor = (cfg.max_update_norm / norms.clamp_min(1e-300)).clamp(max=1.0)
+        bounds = [b for b in (cfg.max_update_norm, cfg.dp_clip) if b is not None]
+        if bounds:
+            factor = (min(bounds) / norms.clamp_min(1e-300)).clamp(max=1.0)
             accepted = (global_w.double() + deltas * factor[:, None]).to(models.dtype)
+        if cfg.dp_clip is not None and dp_noise(cfg) > 0:
+            # Gaussian noise z*C on the sum of the K clipped updates, i.e. z*C/K on their mean:
+            # the same vector added to every row shifts any (weighted) mean by exactly that.
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, 2]).integers(2**62)))
+            noise = torch.randn(accepted.shape[1], generator=gen, dtype=torch.float64) * dp_noise(cfg) * cfg.dp_clip
+            accepted = (accepted.double() + noise / len(accepted)).to(models.dtype)
         saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
         new_w = fed.strategy.aggregate(global_w, accepted, weights[ok])
-        why = _uncommittable(global_w, new_w, norms)
+        # under DP the updates are clipped to C and the noise is deliberate: only finiteness counts
+        why = _uncommittable(global_w, new_w, norms, check_step=cfg.dp_clip is None)
         if why:
             # Finite updates can still overflow when combined, or move the model by orders of
             # magnitude (huge scaled attacks, an adaptive server step): keep the old model and
@@ -267,10 +277,17 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
     )
 
 
-def _uncommittable(global_w: torch.Tensor, new_w: torch.Tensor, client_norms: torch.Tensor) -> str | None:
+def dp_noise(cfg: FLConfig) -> float:
+    """The DP noise multiplier z in force (1.0 when only --dp-clip is given)."""
+    return 1.0 if cfg.dp_noise_multiplier is None else cfg.dp_noise_multiplier
+
+
+def _uncommittable(global_w: torch.Tensor, new_w: torch.Tensor, client_norms: torch.Tensor, check_step: bool = True) -> str | None:
     """Why the aggregate ``new_w`` must not replace ``global_w`` (None if it may)."""
     if not torch.isfinite(new_w).all():
         return "it is not finite"
+    if not check_step:
+        return None
     step = float((new_w.double() - global_w.double()).norm())
     # the smallest update, not the median: scaled attackers may be most of the round
     ref = max(float(global_w.double().norm()), float(client_norms.min()))
@@ -424,6 +441,11 @@ def _rounds(
             train_s=round(res.train_s, 4),
             wall_s=round(time.perf_counter() - t0, 4),
         )
+        if cfg.dp_clip is not None:
+            from mlsyskit.fl.privacy import epsilon
+
+            q = fed.strategy.clients_per_round(len(fed.parts), cfg.fraction) / len(fed.parts)
+            row.update(epsilon=epsilon(q, dp_noise(cfg), rnd, cfg.dp_delta), delta=cfg.dp_delta)
         if res.note:
             tqdm.write(f"round {rnd}: {res.note}", file=sys.stderr)
         rundir.append_metrics(out, row)
