@@ -208,3 +208,41 @@ def test_wire_decoding_rejects_what_is_not_the_model():
             wire.decode_model(blob, 6)
     assert b"".join(list(wire.stream({"a": 1}, b"x" * (wire.CHUNK + 1)))[1:]) == b"x" * (wire.CHUNK + 1)
     assert os.environ.get("OMP_NUM_THREADS") == "1"  # conftest: one thread per process
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_server_resumes_and_clients_reconnect(tmp_path, data_dir):
+    address = f"127.0.0.1:{_free_port()}"
+    flags = [*_run_flags(data_dir, clients=2, rounds=3), "--insecure", "--address", address, "--wait-for", "2", "--round-timeout", 120]
+    first = Server(tmp_path, *flags)
+    clients = [_client(first, k, data_dir, "--insecure", "--delay", "1", "--connect-timeout", WAIT_S) for k in (0, 1)]
+    try:
+        ckpt = first.out / "checkpoint.safetensors"
+        deadline = time.monotonic() + WAIT_S
+        while not ckpt.exists():  # round 1 committed; round 2 is under way (clients delay 1 s)
+            assert first.proc.poll() is None and time.monotonic() < deadline, first.text()
+            time.sleep(0.02)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        first.log.close()
+        (tmp_path / "port").unlink()
+        second = Server(tmp_path, "--resume", first.out, "--insecure", "--address", address, "--wait-for", "2", "--round-timeout", 120)
+        rows = second.wait()
+        outs = [p.communicate(timeout=WAIT_S) for p in clients]
+    finally:
+        _stop(*clients)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(p.returncode == 0 for p in clients), outs
+    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=2,
+                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=3, out=str(tmp_path / "sim"))
+    run(cfg, progress=False)
+    simulated = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    for d, s in zip(rows, simulated, strict=True):  # the resumed deployment continues the same trajectory
+        assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-3)
