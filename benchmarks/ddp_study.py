@@ -4,9 +4,12 @@ train` under torchrun, next to the same training written with HF Accelerate.
 For every configuration: samples/s (mean over epochs), time per epoch, peak memory per rank
 (the largest rank's peak RSS), the whole process tree's peak RSS, time to a target test
 accuracy, and the scaling efficiency samples/s(W) / (W x samples/s(1)) at the same batch and
-precision. Every rank gets usable CPUs / W torch threads, so W = 1 uses all of them too. nccl
+precision. Every rank gets --threads-per-rank torch threads (1: W ranks use W cores, the usual
+definition of scaling efficiency; intra-op threads on a shared machine also suffer badly when
+one of them is descheduled). nccl
 runs only where there are GPUs (else the row says why it was skipped). Default: McMahan's CNN on
-mnist-5k (2,000 test images), 2 epochs; on a 2-CPU machine this takes a few minutes.
+2,000 mnist-5k training images (1,000 test images), 2 epochs, the Accelerate peer at batch 64;
+on a busy 2-CPU machine this takes about 15 minutes.
 
     .venv/bin/python benchmarks/ddp_study.py
     .venv/bin/python benchmarks/ddp_study.py --batch-sizes 64 --precisions fp32 --no-accelerate
@@ -38,7 +41,8 @@ def ours(cfg: dict, work: Path) -> dict:
     cmd = [*_torchrun(cfg["world"]), "-m", "mlsyskit", "train", "--model", cfg["model"], "--dataset", cfg["dataset"],
            "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
            "--precision", cfg["precision"], "--backend", cfg["backend"], "--threads", str(cfg["threads"]),
-           "--test-limit", str(cfg["test_limit"]), "--target-accuracy", str(cfg["target"]), "--out", str(out),
+           "--test-limit", str(cfg["test_limit"]), "--train-limit", str(cfg["train_limit"]),
+           "--target-accuracy", str(cfg["target"]), "--out", str(out),
            "--no-progress"]
     if cfg["data_dir"]:
         cmd += ["--data-dir", cfg["data_dir"]]
@@ -58,7 +62,7 @@ def accelerate_peer(cfg: dict, work: Path) -> dict:
     cmd = [*_torchrun(cfg["world"]), str(HERE / "ddp_accelerate_peer.py"), "--batch-size", str(cfg["batch_size"]),
            "--epochs", str(cfg["epochs"]), "--lr", str(cfg["lr"]), "--precision", cfg["precision"],
            "--threads", str(cfg["threads"]), "--test-limit", str(cfg["test_limit"]),
-           "--target-accuracy", str(cfg["target"])]
+           "--train-limit", str(cfg["train_limit"]), "--target-accuracy", str(cfg["target"])]
     if cfg["data_dir"]:
         cmd += ["--data-dir", cfg["data_dir"]]
     log = work / f"accelerate-b{cfg['batch_size']}-w{cfg['world']}-{cfg['precision']}.log"
@@ -84,9 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="mnist-5k", help="dataset (default: mnist-5k)")
     p.add_argument("--epochs", type=int, default=2, help="epochs (default: 2)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
-    p.add_argument("--test-limit", type=int, default=2000, help="test images (default: 2000)")
+    p.add_argument("--train-limit", type=int, default=2000, help="training images (default: 2000)")
+    p.add_argument("--test-limit", type=int, default=1000, help="test images (default: 1000)")
+    p.add_argument("--accelerate-batch-sizes", default="64", help="batch sizes at which the Accelerate peer also runs (default: 64)")
     p.add_argument("--target-accuracy", type=float, default=0.9, help="time-to-accuracy target (default: 0.9)")
     p.add_argument("--data-dir", default=common.default_data_dir(existing_only=True), help="data folder (default: ../shared/data when present)")
+    p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (default: 1, so W ranks use W cores)")
     p.add_argument("--no-accelerate", action="store_true", help="skip the HF Accelerate peer")
     p.add_argument("--out", default=str(common.RESULTS / "ddp_study.json"), help="output JSON (PNG beside it)")
     args = p.parse_args(argv)
@@ -102,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                 for backend in common.split_names(args.backends):
                     for world in [int(w) for w in common.split_names(args.worlds)]:
                         cfg = {"batch_size": bs, "precision": precision, "backend": backend, "world": world,
-                               "threads": max(cpus // world, 1), "model": args.model, "dataset": args.dataset,
-                               "epochs": args.epochs, "lr": args.lr, "test_limit": args.test_limit,
+                               "threads": args.threads_per_rank, "model": args.model, "dataset": args.dataset,
+                               "epochs": args.epochs, "lr": args.lr, "test_limit": args.test_limit, "train_limit": args.train_limit,
                                "target": args.target_accuracy, "data_dir": args.data_dir}
                         row = {k: cfg[k] for k in ("batch_size", "precision", "backend", "world", "threads")}
                         if backend == "nccl" and not has_cuda:
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         common.log(f"ours {row}")
                         row["ours"] = ours(cfg, work)
-                        if not args.no_accelerate and backend == "gloo":
+                        if not args.no_accelerate and backend == "gloo" and str(bs) in common.split_names(args.accelerate_batch_sizes):
                             common.log(f"accelerate {row['batch_size']} {precision} w{world}")
                             row["accelerate"] = accelerate_peer(cfg, work)
                         rows.append(row)
