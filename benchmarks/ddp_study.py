@@ -9,7 +9,7 @@ definition of scaling efficiency; intra-op threads on a shared machine also suff
 one of them is descheduled). nccl
 runs only where there are GPUs (else the row says why it was skipped). Default: McMahan's CNN on
 2,000 mnist-5k training images (1,000 test images), 2 epochs, the Accelerate peer at batch 64;
-on a busy 2-CPU machine this takes about 15 minutes.
+on a busy 2-CPU machine this takes about 5 minutes.
 
     .venv/bin/python benchmarks/ddp_study.py
     .venv/bin/python benchmarks/ddp_study.py --batch-sizes 64 --precisions fp32 --no-accelerate
