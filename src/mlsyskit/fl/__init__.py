@@ -1,4 +1,5 @@
-"""Federated learning (McMahan et al. 2017 and successors), simulated on one machine.
+"""Federated learning (McMahan et al. 2017 and successors): one round loop, simulated in one
+process or deployed over gRPC (`mlsyskit.fl.grpc_server`, `mlsyskit.fl.grpc_client`).
 
 Names are imported on first use, so importing the package (as ``mlsyskit --help`` does)
 does not load torch.

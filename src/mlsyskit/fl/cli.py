@@ -82,6 +82,8 @@ def _server_options(args: argparse.Namespace, address: str, port_file: str | Non
         for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
             if not Path(path).is_file():
                 raise UserError(f"{flag} {path}: no such file")
+            if b"-----BEGIN " not in Path(path).read_bytes():
+                raise UserError(f"{flag} {path}: not a PEM file")
     return ServerOptions(
         address=address,
         min_clients=args.min_clients,

@@ -114,7 +114,10 @@ class GrpcTransport:
             )
         # every connected client holds one thread in its long-poll
         pool = futures.ThreadPoolExecutor(max_workers=2 * len(fed.parts) + 8)
-        server = grpc.server(pool, options=[("grpc.max_receive_message_length", wire.MAX_MESSAGE + 4096)])
+        server = grpc.server(pool, options=[
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE + 4096),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ])
         server.add_generic_rpc_handlers([
             grpc.method_handlers_generic_handler(
                 wire.SERVICE,
@@ -125,15 +128,24 @@ class GrpcTransport:
                 },
             )
         ])
-        if self.opts.insecure:
-            port = server.add_insecure_port(self.opts.address)
+        try:
+            if self.opts.insecure:
+                port = server.add_insecure_port(self.opts.address)
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(self.opts.tls_key).read_bytes(), Path(self.opts.tls_cert).read_bytes())]  # type: ignore[arg-type]
+                )
+                port = server.add_secure_port(self.opts.address, creds)
+        except (RuntimeError, ValueError, OSError) as e:
+            port = 0
+            why = str(e).split(";")[0]
         else:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.opts.tls_key).read_bytes(), Path(self.opts.tls_cert).read_bytes())]  # type: ignore[arg-type]
-            )
-            port = server.add_secure_port(self.opts.address, creds)
+            why = "address in use?"
         if not port:
-            raise UserError(f"cannot listen on --address {self.opts.address}")
+            raise UserError(
+                f"cannot listen on --address {self.opts.address} ({why}); the run directory {fed.cfg.out} "
+                "is kept (continue it with --resume)"
+            )
         server.start()
         self.server, self.port = server, port
         host = self.opts.address.rsplit(":", 1)[0]
