@@ -244,32 +244,87 @@ def model_from_hf_config(path: str | Path) -> ModelSpec:
     )
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
+    """The metadata (scalars and strings; an array reads as its length) and the tensor infos
+    (name, shape, ggml type) of a GGUF file, read from its header only: the tensor data and the
+    vocabulary strings are skipped, not loaded."""
+    import struct
+
+    meta: dict[str, Any] = {}
+    tensors: list[tuple[str, list[int], int]] = []
+    with open(path, "rb") as f:
+        def unpack(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(unpack("<Q")).decode("utf-8", "replace")
+
+        def value(vtype: int) -> Any:
+            if vtype in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, count = unpack("<I"), unpack("<Q")
+                if etype == 8:
+                    for _ in range(count):
+                        f.seek(unpack("<Q"), 1)
+                elif etype in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return count
+            raise ValueError(f"unknown metadata type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        version = unpack("<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(unpack("<I"))
+        for _ in range(n_tensors):
+            name = string()
+            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            ttype = unpack("<I")
+            unpack("<Q")  # data offset
+            tensors.append((name, dims, ttype))
+    return meta, tensors
+
+
 def model_from_gguf(path: str | Path) -> ModelSpec:
     """GGUF metadata (architecture keys) and the stored size of every tensor."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"GGUF file {p} does not exist")
     try:
-        from gguf import GGUFReader
+        meta, tensors = read_gguf_header(p)
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        reader = GGUFReader(str(p), "r")
-    except Exception as e:  # a corrupt or foreign file: one line, not a traceback
+        nbytes = 0.0
+        for _, dims, ttype in tensors:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            n = 1
+            for d in dims:
+                n *= d
+            nbytes += n // block * size
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:  # corrupt or foreign: one line
         raise UserError(f"cannot read GGUF metadata from {p}: {e}") from e
 
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        if len(f.types) == 1 and f.types[0].name == "STRING":
-            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-        if f.types and f.types[0].name == "ARRAY":
-            return len(f.data)
-        return f.parts[f.data[0]][0].item()
-
-    arch = value("general.architecture") or "llama"
+    arch = meta.get("general.architecture") or "llama"
 
     def need(key: str, default: Any = None) -> Any:
-        v = value(f"{arch}.{key}")
+        v = meta.get(f"{arch}.{key}")
         if v is None:
             if default is None:
                 raise UserError(f"{p}: GGUF metadata has no {arch}.{key}")
@@ -280,10 +335,10 @@ def model_from_gguf(path: str | Path) -> ModelSpec:
     n_heads = int(need("attention.head_count"))
     n_kv = int(need("attention.head_count_kv", n_heads))
     head_dim = int(need("attention.key_length", hidden // n_heads))
-    names = {t.name for t in reader.tensors}
-    vocab = value("tokenizer.ggml.tokens") or need("vocab_size")
+    names = {t[0] for t in tensors}
+    vocab = meta.get("tokenizer.ggml.tokens") or need("vocab_size")
     return ModelSpec(
-        name=str(value("general.name") or p.stem),
+        name=str(meta.get("general.name") or p.stem),
         n_layers=int(need("block_count")),
         hidden=hidden,
         n_heads=n_heads,
@@ -296,5 +351,5 @@ def model_from_gguf(path: str | Path) -> ModelSpec:
         weight_dtype_bytes=2.0,
         kv_dtype_bytes=2.0,
         max_context=int(need("context_length", 2048)),
-        weight_bytes_override=float(sum(int(t.n_bytes) for t in reader.tensors)),
+        weight_bytes_override=nbytes,
     )

@@ -104,6 +104,7 @@ class Instance:
         self.steps = 0
         self.timeline: list[tuple[float, float, float, int]] = []  # (t, kv fraction, busy fraction, running)
         self._tl_last = (0.0, 0.0)
+        self.fast_forward = True  # False: every step is its own event (the reference for tests)
 
     # -- decoders as aggregates ---------------------------------------------------------------
     def _new_blocks(self, k: int) -> int:
@@ -173,7 +174,7 @@ class Instance:
         if not (self.D or self.prefill or self.waiting):
             self.plan = None
             return None
-        if self.D and not self.prefill and (not self.waiting or self._admission_blocked()):
+        if self.fast_forward and self.D and not self.prefill and (not self.waiting or self._admission_blocked()):
             self._clean_events()
             k = self.events[0][0] - self.step
             free = self.nblocks - self.used
@@ -350,6 +351,14 @@ class Instance:
         q.blocks = 0
         q.state = MOVING
 
+    def halve_timeline(self) -> None:
+        """Merge samples pairwise (the later time and memory, the mean busy fraction)."""
+        tl = self.timeline
+        merged = [(b[0], b[1], round((a[2] + b[2]) / 2, 4), b[3]) for a, b in zip(tl[0::2], tl[1::2], strict=False)]
+        if len(tl) % 2:
+            merged.append(tl[-1])
+        self.timeline = merged
+
     def sample_timeline(self, t: float) -> None:
         """Record (t, KV fraction in use, busy fraction since the last sample, running)."""
         busy = self.busy + (max(0.0, t - self.plan[1]) if self.plan is not None else 0.0)  # the step running now
@@ -407,10 +416,14 @@ def prefill_time(cost: InstanceCost, tokens: int, budget: int) -> float:
     return t
 
 
-def simulate(spec: Spec, workload: Workload, policy: Policy, *, timeline_points: int = 400) -> SimResult:
-    """Run the workload through the spec's instances under ``policy``."""
+def simulate(spec: Spec, workload: Workload, policy: Policy, *, timeline_points: int = 400,
+             fast_forward: bool = True) -> SimResult:
+    """Run the workload through the spec's instances under ``policy``. ``fast_forward=False``
+    makes every engine step its own event (slow; the same result, for tests)."""
     wall0 = time.perf_counter()
     insts = [Instance(i, s) for i, s in enumerate(spec.instances)]
+    for inst in insts:
+        inst.fast_forward = fast_forward
     views = instance_views(spec)
     ledger = Ledger(views)
     n = len(workload)
@@ -425,7 +438,8 @@ def simulate(spec: Spec, workload: Workload, policy: Policy, *, timeline_points:
     heapq.heapify(heap)
     entry = spec.entry
     inst_lat = [0.0 if s.node == entry else spec.network.latency for s in spec.instances]
-    tl_dt = max(workload.arrival[-1], 1e-6) * 1.1 / max(timeline_points, 1)
+    points = max(timeline_points, 2)
+    tl_dt = max(workload.arrival[-1], 1.0) * 1.1 / points
     tl_next = 0.0
     push, pop = heapq.heappush, heapq.heappop
 
@@ -491,6 +505,10 @@ def simulate(spec: Spec, workload: Workload, policy: Policy, *, timeline_points:
             for inst in insts:
                 inst.sample_timeline(tl_next)
             tl_next += tl_dt
+            if len(insts[0].timeline) >= 2 * points:  # the run outlives the clock: halve the samples
+                for inst in insts:
+                    inst.halve_timeline()
+                tl_dt *= 2
         if kind == _STEP:
             inst = a
             if b != inst.ver or inst.plan is None:

@@ -211,16 +211,14 @@ def load_trace(path: str | Path, lengths_known: bool = True) -> Workload:
         raise UserError(f"trace file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read trace {p}: {e}") from e
-    records: list[Any]
-    stripped = text.lstrip()
-    if stripped.startswith("{") and "\n{" not in stripped.rstrip():
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}: invalid JSON ({e.msg})") from e
-        records = obj["records"] if isinstance(obj, dict) and isinstance(obj.get("records"), list) else [obj]
-    else:
-        records = []
+    records: list[Any] = []
+    try:  # one JSON document (a report with "records", or a single record) ...
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        records = obj["records"] if isinstance(obj.get("records"), list) else [obj]
+    else:  # ... or JSON lines
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
