@@ -25,9 +25,11 @@ def test_server_and_two_clients_match_sklearn_with_and_without_masking(mpi_json)
 
 def test_attacker_is_flagged_and_the_median_keeps_accuracy(mpi_json):
     r = mpi_json(5, ["logreg", "--partition", "iid", "--rounds", "20", "--malicious", "1", "--attack", "sign-flip",
-                     "--strategy", "median"])
+                     "--strategy", "median", "--no-reference"])
     assert r["malicious"] == [1] and r["flagged"] == [1]
-    assert r["test_accuracy"] >= r["sklearn_accuracy"] - 0.03
+    # scikit-learn reaches 0.85 on this fixed synthetic data (compared in the test above); the
+    # plain mean under this attack falls to 0.04
+    assert r["test_accuracy"] >= 0.82
 
 
 def test_masks_cancel_exactly_and_hide_each_update():
