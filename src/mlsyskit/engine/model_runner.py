@@ -1,11 +1,19 @@
-"""Turns a scheduled batch into tensors, runs the model once, and samples the next tokens."""
+"""Turns a scheduled batch into tensors, runs the model, and samples the next tokens.
+
+A step's rows are laid end to end, decodes first. They run through the model's modules and the
+paged cache (:meth:`Transformer.forward_tokens`), except that with a :class:`FusedDecoder`
+(a quantized Llama-family model) up to ``MAX_ROWS`` decode rows take one C call per layer.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from mlsyskit.engine.attention import PagedKVCache, PrefillChunk, StepMeta
+from mlsyskit.engine.fused_decode import MAX_ROWS, FusedDecoder
 from mlsyskit.engine.sampling import sample
 from mlsyskit.engine.sequence import Sequence
 from mlsyskit.models.transformer import Transformer
@@ -14,9 +22,11 @@ from mlsyskit.models.transformer import Transformer
 class ModelRunner:
     """Owns the model and (with ``kv_cache=True``) the preallocated paged KV pool."""
 
-    def __init__(self, model: Transformer, kv: PagedKVCache | None) -> None:
+    def __init__(self, model: Transformer, kv: PagedKVCache | None, fused: bool = True) -> None:
         self.model = model
         self.kv = kv
+        # decode-only steps of a quantized Llama-family model: one C call per layer
+        self.fused = FusedDecoder(model, kv) if fused and FusedDecoder.supports(model, kv) else None
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
@@ -77,9 +87,19 @@ class ModelRunner:
             valid = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
             # additive float mask built once per step (a bool mask is converted in every layer)
             decode_mask = torch.zeros(valid.shape, dtype=self.kv.k.dtype).masked_fill_(~valid, float("-inf")).view(nd, 1, 1, -1)
-        self.kv.meta = StepMeta(torch.tensor(slots, dtype=torch.long), nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
-        hidden = self.model.forward_tokens(torch.tensor(ids), torch.tensor(positions), self.kv)
-        self.kv.meta = None
+        ids_t, pos_t, slots_t = torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long)
+        if self.fused is not None and 0 < nd <= MAX_ROWS:
+            # Decode rows always take the fused path, whatever else is in the step, so a token's
+            # result never depends on its neighbours (quantized activations turn float32
+            # rounding differences into rounding flips); prefill rows run through the modules.
+            hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], tables, lens)
+            if prefills:
+                shifted = [dataclasses.replace(c, start=c.start - nd) for c in prefills]
+                meta = StepMeta(slots_t[nd:], 0, None, None, shifted)
+                hidden = torch.cat((hidden, self._modules_forward(ids_t[nd:], pos_t[nd:], meta)))
+        else:
+            meta = StepMeta(slots_t, nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
+            hidden = self._modules_forward(ids_t, pos_t, meta)
         rows = [r for r in last_rows if r is not None]
         logits = self.model.logits(hidden[rows]) if rows else None
         out: list[Tensor | None] = []
@@ -88,6 +108,14 @@ class ModelRunner:
             out.append(None if r is None else logits[k])
             k += r is not None
         return out
+
+    def _modules_forward(self, ids: Tensor, positions: Tensor, meta: StepMeta) -> Tensor:
+        """Hidden states of the step's rows through the model's modules and the paged cache."""
+        self.kv.meta = meta
+        try:
+            return self.model.forward_tokens(ids, positions, self.kv)
+        finally:
+            self.kv.meta = None
 
     def _sample(self, batch: list[tuple[Sequence, int]], rows: list[Tensor | None]) -> list[int | None]:
         idx = [i for i, r in enumerate(rows) if r is not None]

@@ -46,7 +46,7 @@ from torch import Tensor
 from mlsyskit.data.paths import default_cache_dir
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("cpu.c", "qmatmul.c", "attention.c")
+SOURCES = ("cpu.c", "qmatmul.c", "attention.c", "decode.c")
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 # best first: (name, compiler flags, CPU features it needs)
@@ -80,6 +80,27 @@ class _Part(ctypes.Structure):
         ("rows", ctypes.c_int32),
         ("col0", ctypes.c_int32),
         ("group_blocks", ctypes.c_int32),
+    ]
+
+
+class DecodeLayer(ctypes.Structure):
+    """``layer_t`` in csrc/decode.c: one Llama-family layer's weights and KV pools."""
+
+    _fields_ = [
+        ("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+        ("n_qkv", ctypes.c_int32), ("n_o", ctypes.c_int32), ("n_gate_up", ctypes.c_int32), ("n_down", ctypes.c_int32),
+        ("qkv_bias", ctypes.c_void_p), ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+        ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
+    ]
+
+
+class DecodeDims(ctypes.Structure):
+    """``dims_t`` in csrc/decode.c: sizes, norm epsilon and the RoPE tables."""
+
+    _fields_ = [
+        ("dim", ctypes.c_int32), ("hidden", ctypes.c_int32), ("H", ctypes.c_int32), ("Hkv", ctypes.c_int32),
+        ("D", ctypes.c_int32), ("block_size", ctypes.c_int32), ("eps", ctypes.c_float),
+        ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
     ]
 
 
@@ -147,6 +168,8 @@ def _load(variant: str) -> tuple[Library | None, str]:
     dll.mlsk_gather_rows.restype = None
     dll.mlsk_attn_decode.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, i, p, p, i, i, i, i, i, f, i]
     dll.mlsk_attn_decode.restype = ctypes.c_int
+    dll.mlsk_decode_layer.argtypes = [p, p, p, i, p, p, p, i, p, p, i]
+    dll.mlsk_decode_layer.restype = ctypes.c_int
     got = dll.mlsk_variant().decode()
     if got != variant:  # e.g. a compiler that ignored -mavx512vnni
         return None, f"the {variant} build reports {got}"
@@ -310,6 +333,11 @@ class QWeight:
         self.shape = (col, in_features)
 
     @property
+    def address(self) -> int:
+        """Where the C descriptors (``qpart_t[]``) are."""
+        return ctypes.addressof(self._c)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the blocks, scales, zeros and permutations (memory-mapped ones included)."""
         total = 0
@@ -335,7 +363,7 @@ def qmatmul(x: Tensor, w: QWeight, *, out: Tensor | None = None, lib: Library | 
     if K != w.in_features:
         raise ValueError(f"x has {K} columns, the weight {w.in_features}")
     y = torch.empty(M, w.out_features, dtype=torch.float32) if out is None else out
-    if M and L.dll.mlsk_qmatmul(x.data_ptr(), x.stride(0), M, K, ctypes.addressof(w._c), len(w.parts),
+    if M and L.dll.mlsk_qmatmul(x.data_ptr(), x.stride(0), M, K, w.address, len(w.parts),
                                 y.data_ptr(), w.out_features, _threads(threads)):
         raise MemoryError("no memory for the quantized activations")
     return y
@@ -351,7 +379,7 @@ def dequantize(w: QWeight, dtype: torch.dtype = torch.float32, *, out: Tensor | 
         out = torch.empty(w.shape, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != w.shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {w.shape}")
-    _lib(lib).dll.mlsk_dequantize(ctypes.addressof(w._c), len(w.parts), w.in_features, out.data_ptr(),
+    _lib(lib).dll.mlsk_dequantize(w.address, len(w.parts), w.in_features, out.data_ptr(),
                                   int(dtype == torch.bfloat16), _threads(threads))
     return out
 
@@ -364,7 +392,7 @@ def gather_rows(w: QWeight, ids: Tensor, *, lib: Library | None = None) -> Tenso
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.out_features):
         raise IndexError(f"row index out of range (0..{w.out_features - 1})")
     out = torch.empty(ids.numel(), w.in_features, dtype=torch.float32)
-    _lib(lib).dll.mlsk_gather_rows(ctypes.addressof(w._c), ids.data_ptr(), ids.numel(), w.in_features, out.data_ptr())
+    _lib(lib).dll.mlsk_gather_rows(w.address, ids.data_ptr(), ids.numel(), w.in_features, out.data_ptr())
     return out
 
 
@@ -405,6 +433,22 @@ def fake_quantize_activations(x: Tensor) -> Tensor:
     d = amax / 127.0
     inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
     return (torch.round(xb * inv) * d).reshape(x.shape)
+
+
+def decode_layer(layer: DecodeLayer, dims: DecodeDims, x: Tensor, pos: Tensor, slots: Tensor,
+                 tables: Tensor, lens: Tensor, scratch: Tensor, *, lib: Library | None = None,
+                 threads: int | None = None) -> None:
+    """One Llama-family layer for B decoding sequences, ``x`` (B, dim) float32 updated in place
+    (csrc/decode.c). ``pos`` (B,) int32 positions, ``slots`` (B,) int64, ``tables`` (B, max_blocks)
+    and ``lens`` (B,) int32 as for :func:`attn_decode`; ``scratch``: float32 with at least
+    B * (2 dim + (H + 2 Hkv) D + H D + 3 hidden) elements."""
+    rc = _lib(lib).dll.mlsk_decode_layer(
+        ctypes.addressof(layer), ctypes.addressof(dims), x.data_ptr(), x.shape[0], pos.data_ptr(),
+        slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), scratch.data_ptr(),
+        _threads(threads),
+    )
+    if rc:
+        raise MemoryError("the fused decode layer failed (out of memory)")
 
 
 # -- the int4 layout of QuantLinear -----------------------------------------------------------

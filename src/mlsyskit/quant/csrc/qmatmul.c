@@ -37,7 +37,7 @@
 
 enum { FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_Q8_0 = 8, FMT_U4 = 100, FMT_I8 = 101 };
 
-typedef struct {
+typedef struct qpart {
     const uint8_t *data;  /* stored row r starts at data + r * row_bytes */
     int64_t row_bytes;
     const float *scale;   /* U4 / I8: (rows, groups) */
