@@ -7,12 +7,11 @@ torch are imported inside the handlers).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
 from mlsyskit.errors import UserError
-from mlsyskit.runtime import add_progress_flag, show_progress
+from mlsyskit.runtime import add_progress_flag, json_dumps, show_progress
 
 INTERRUPTED = "interrupted; Spark was stopped and --out keeps only what was finished before"
 
@@ -140,7 +139,7 @@ def _run(body: Callable[[Any, argparse.Namespace, Any], dict[str, Any]]) -> Call
         with spark_session(args.master, app_name=f"mlsyskit-{args.spark_command}", log_dir=out / "logs") as spark:
             progress = JobProgress(spark, f"spark {args.spark_command}", enabled=show_progress(args.progress))
             summary = body(spark, args, progress)
-        print(json.dumps(summary, ensure_ascii=False))
+        print(json_dumps(summary, ensure_ascii=False))
         return 0
 
     return handler

@@ -4,7 +4,6 @@ path errors turned into one clear line, output folders."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +65,11 @@ def prepare_out(out: str | Path) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Valid JSON (NaN as null), UTF-8 text kept readable, written atomically."""
+    from mlsyskit.runtime import json_dumps
+
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json_dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

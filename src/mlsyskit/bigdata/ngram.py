@@ -8,7 +8,9 @@
 
 **Sentences and padding.** Each sentence (a line) is padded with ``order - 1`` ``<s>`` on the
 left and one ``</s>`` on the right, and every k-gram (k = 1..order) of the padded sentence that
-ends in a word or ``</s>`` is counted, on Spark (one shuffle for all orders, no Python per row).
+ends in a word or ``</s>`` is counted on Spark (one shuffle for all orders, no Python per row).
+The counts then go to the driver (Arrow), which computes the continuation counts and the
+model: the model must fit in the driver's memory, as with KenLM's or NLTK's estimation.
 ``<s>`` is never predicted, only context (probability 0, ``-99`` in ARPA, as KenLM and SRILM
 write it); so every counted lower-order n-gram has a word before it somewhere, and each
 context's probabilities sum to 1.
@@ -53,18 +55,21 @@ LOG0 = -99.0  # ARPA's log10 of probability 0
 
 # -- counting on Spark --------------------------------------------------------------------------
 def ngram_counts(sentences: Any, order: int) -> Any:
-    """Counts of all k-grams, k = 1..order, of the padded sentences: a DataFrame
-    (``order`` int, ``ngram`` string: tokens joined by one space, ``count`` long)."""
+    """Counts of all k-grams, k = 1..order, of the padded sentences that do not end in
+    ``<s>``: a DataFrame (``order`` int, ``ngram`` string: tokens joined by one space,
+    ``count`` long). MLlib's ``NGram`` (compiled Scala) makes the k-grams of each sentence;
+    one explode and one aggregation count all orders together."""
+    from pyspark.ml.feature import NGram
     from pyspark.sql import functions as F
 
     _check_order(order)
-    pad = F.concat(F.array_repeat(F.lit(BOS), order - 1), F.col("tokens"), F.array(F.lit(EOS))) if order > 1 else F.concat(F.col("tokens"), F.array(F.lit(EOS)))
-    grams = F.expr(
-        f"flatten(transform(sequence(1, {order}), k -> transform(sequence(greatest(0, {order} - k), size(padded) - k), "
-        "i -> named_struct('order', k, 'ngram', array_join(slice(padded, i + 1, k), ' ')))))"
-    )
-    exploded = sentences.select(pad.alias("padded")).select(F.explode(grams).alias("g"))
-    return exploded.groupBy("g.order", "g.ngram").count()
+    df = sentences.select(F.concat(F.array_repeat(F.lit(BOS), order - 1), F.col("tokens"), F.array(F.lit(EOS))).alias("padded"))
+    for k in range(1, order + 1):
+        df = NGram(n=k, inputCol="padded", outputCol=f"g{k}").transform(df)
+    grams = df.select(F.explode(F.concat(*[F.col(f"g{k}") for k in range(1, order + 1)])).alias("ngram"))
+    grams = grams.where(~((F.col("ngram") == BOS) | F.col("ngram").endswith(" " + BOS)))  # <s> is context only
+    counts = grams.groupBy("ngram").count()
+    return counts.select((F.size(F.split("ngram", " ")) ).alias("order"), "ngram", "count")
 
 
 def _check_order(order: int) -> None:
@@ -74,8 +79,8 @@ def _check_order(order: int) -> None:
 
 @dataclass
 class KNStatistics:
-    """What Kneser-Ney needs, collected from Spark: per order, the n-grams with their adjusted
-    counts a (raw at the highest order, continuation counts below), and the count-of-counts."""
+    """What Kneser-Ney needs: per order, the n-grams with their adjusted counts a (raw at the
+    highest order, continuation counts below), and the count-of-counts."""
 
     order: int
     ngrams: dict[int, tuple[list[str], list[int]]]  # k -> (ngrams, a)
@@ -85,30 +90,35 @@ class KNStatistics:
 
 
 def kneser_ney_statistics(counts: Any, order: int) -> KNStatistics:
-    """Adjusted counts (one Spark join over the counts) brought to the driver, with the
-    count-of-counts and the corpus size."""
-    from pyspark.sql import functions as F
+    """The counts brought to the driver (Arrow), then the continuation counts
+    N1+(. h w) = the number of distinct (k+1)-grams ending in "h w", the adjusted counts, the
+    count-of-counts and the corpus size (vectorized in pandas)."""
+    pdf = counts.toPandas()
+    return statistics_from_table(pdf["order"].to_numpy(), pdf["ngram"], pdf["count"].to_numpy(), order)
 
-    c = counts.alias("c")
-    # N1+(. h w): one row per distinct (v h w) at order k+1, grouped by its suffix "h w"
-    cont = (
-        counts.where(F.col("order") >= 2)
-        .select((F.col("order") - 1).alias("order"), F.expr("substr(ngram, instr(ngram, ' ') + 1)").alias("ngram"))
-        .groupBy("order", "ngram").count().withColumnRenamed("count", "cont")
-    )
-    adjusted = c.join(cont, ["order", "ngram"], "left").select(
-        "order", "ngram", "count",
-        F.when(F.col("order") == order, F.col("count")).otherwise(F.coalesce(F.col("cont"), F.lit(0))).alias("a"),
-    )
-    pdf = adjusted.toPandas()  # one Spark action; the rest is a pass over the collected table
+
+def statistics_from_table(orders: Any, grams: Any, raw: Any, order: int) -> KNStatistics:
+    """:class:`KNStatistics` from a table of (order, ngram, count) rows."""
+    import numpy as np
+    import pandas as pd
+
+    table = pd.DataFrame({"order": np.asarray(orders, np.int64), "ngram": pd.Series(grams, dtype=object), "count": np.asarray(raw, np.int64)})
+    higher = table[table["order"] >= 2]
+    suffix = higher["ngram"].str.split(" ", n=1).str[1]
+    cont = pd.DataFrame({"order": higher["order"].to_numpy() - 1, "ngram": suffix.to_numpy()}).value_counts()
     ngrams: dict[int, tuple[list[str], list[int]]] = {}
     coc: dict[int, tuple[int, int]] = {}
     for k in range(1, order + 1):
-        part = pdf[pdf["order"] == k]
-        a = part["a"]
-        ngrams[k] = (part["ngram"].tolist(), [int(x) for x in a.tolist()])
+        part = table[table["order"] == k]
+        names = part["ngram"].tolist()
+        if k == order:
+            a = part["count"].to_numpy()
+        else:
+            ck = cont.xs(k, level="order") if k in cont.index.get_level_values("order") else pd.Series(dtype=np.int64)
+            a = ck.reindex(names).fillna(0).to_numpy().astype(np.int64)
+        ngrams[k] = (names, [int(x) for x in a])
         coc[k] = (int((a == 1).sum()), int((a == 2).sum()))
-    uni = pdf[pdf["order"] == 1]
+    uni = table[table["order"] == 1]
     tokens = int(uni.loc[~uni["ngram"].isin([BOS, EOS]), "count"].sum())
     sentences = int(uni.loc[uni["ngram"] == EOS, "count"].sum())
     return KNStatistics(order, ngrams, coc, tokens, sentences)
@@ -130,21 +140,10 @@ def counts_from_sentences(sentences: Iterable[Sequence[str]], order: int) -> dic
 
 def statistics_from_counts(counts: dict[int, dict[str, int]], order: int) -> KNStatistics:
     """:class:`KNStatistics` from in-memory counts (the single-process path)."""
-    from collections import Counter
-
-    cont: dict[int, Counter] = {k: Counter() for k in range(1, order)}
-    for k in range(2, order + 1):
-        for gram in counts[k]:
-            cont[k - 1][gram.split(" ", 1)[1]] += 1
-    ngrams, coc = {}, {}
-    for k in range(1, order + 1):
-        grams = list(counts[k])
-        a = [counts[k][g] for g in grams] if k == order else [cont[k].get(g, 0) for g in grams]
-        ngrams[k] = (grams, a)
-        coc[k] = (sum(1 for x in a if x == 1), sum(1 for x in a if x == 2))
-    uni = counts[1]
-    tokens = sum(c for g, c in uni.items() if g not in (BOS, EOS))
-    return KNStatistics(order, ngrams, coc, tokens, uni.get(EOS, 0))
+    orders = [k for k in range(1, order + 1) for _ in counts[k]]
+    grams = [g for k in range(1, order + 1) for g in counts[k]]
+    raw = [c for k in range(1, order + 1) for c in counts[k].values()]
+    return statistics_from_table(orders, grams, raw, order)
 
 
 # -- the model ----------------------------------------------------------------------------------
