@@ -325,6 +325,9 @@ class GrpcTransport:
         train_s = float(train_s) if isinstance(train_s, (int, float)) else 0.0
         with self.cond:
             task.bytes_up += size
+            if self.task is not task:  # the round closed while this update streamed in
+                _log(f"client {cid}: update for round {task.rnd} arrived after its deadline; ignored")
+                return wire.header({"status": "late"})
             if cid in task.received or cid in task.malformed:
                 return wire.header({"status": "duplicate"})
             if w is None:
