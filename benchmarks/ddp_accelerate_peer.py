@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--target-accuracy", type=float, default=None)
@@ -48,13 +50,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     acc = Accelerator(mixed_precision="no" if args.precision == "fp32" else "bf16", cpu=not torch.cuda.is_available())
     ds = load_dataset("mnist-5k", args.data_dir)
-    keep = torch.from_numpy(__import__("numpy").sort(__import__("numpy").random.default_rng(0).permutation(len(ds.test_y))[: args.test_limit]))
+    # the same fixed subsets as `mlsyskit train --train-limit/--test-limit`
+    train_x, train_y = ds.train_x, ds.train_y
+    if args.train_limit is not None and args.train_limit < len(train_y):
+        keep = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(train_y))[: args.train_limit]))
+        train_x, train_y = train_x[keep], train_y[keep]
+    keep = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(ds.test_y))[: args.test_limit]))
     test_x, test_y = ds.test_x[keep], ds.test_y[keep]
     torch.manual_seed(args.seed)
     model = build_model("cnn")
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     per_rank = args.batch_size // acc.num_processes
-    train = DataLoader(TensorDataset(ds.train_x, ds.train_y), batch_size=per_rank, shuffle=True, drop_last=True)
+    train = DataLoader(TensorDataset(train_x, train_y), batch_size=per_rank, shuffle=True, drop_last=True)
     test = DataLoader(TensorDataset(test_x, test_y), batch_size=500)
     model, opt, train, test = acc.prepare(model, opt, train, test)
     rows, elapsed = [], 0.0
