@@ -176,10 +176,12 @@ def _run(role: str, args: argparse.Namespace, workdir: Path, master: str = "", o
     return result
 
 
-def _has_children(pid: int) -> bool:
-    """Whether the process has a child (the JVM forks Python workers from any of its threads)."""
+def _runs_python(pid: int) -> bool:
+    """Whether the executor JVM ``pid`` has started its Python worker daemon (it forks it, from
+    any of its threads, for the first Python task: here the chunking and embedding stage)."""
     try:
-        return any((t / "children").read_text().split() for t in Path(f"/proc/{pid}/task").iterdir())
+        children = [c for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        return any(b"pyspark.daemon" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
     except OSError:
         return False
 
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 """SIGKILL an executor JVM once it runs Python tasks (the embedding)."""
                 while not stop.wait(0.5):
                     for pid in cluster.executor_pids():
-                        if _has_children(pid):
+                        if _runs_python(pid):
                             time.sleep(3.0)  # let it get into the MiniLM batches
                             try:
                                 os.kill(pid, signal.SIGKILL)
