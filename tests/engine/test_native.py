@@ -139,3 +139,18 @@ def test_native_checkpoint_refuses_quantization_and_float_dtype_keeps_reference(
         LLM(ck, quantization="int8")
     ref = LLM(tiny_llama_q_gguf, dtype="float32")
     assert not any(isinstance(m, BlockLinear) for m in ref.engine.model.modules())
+
+
+def test_thread_tuner_keeps_the_faster_choice() -> None:
+    from mlsyskit.engine.fused_decode import ThreadTuner
+
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    for slow in (2, 1):  # the machine makes 2 threads slow, then 1 thread slow
+        tuner, used = ThreadTuner(window=3, period=8), []
+        for _ in range(200):
+            n = tuner.threads()
+            used.append(n)
+            tuner.record(n, 0.5 if n == slow else 0.1)
+        fast = 3 - slow
+        assert tuner.current == fast
+        assert used[-100:].count(slow) <= 3  # after backing off, the slow choice is rarely tried

@@ -10,6 +10,9 @@ dense GEMMs win there). Both paths compute the same math with the same quantized
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import Tensor
 
@@ -20,6 +23,59 @@ from mlsyskit.quant import kernels
 from mlsyskit.quant.linear import DENSE_ROWS, BlockLinear, QuantLinear
 
 MAX_ROWS = DENSE_ROWS - 1  # decode rows a fused step takes
+
+
+class ThreadTuner:
+    """Picks how many threads the fused decode steps use, by timing them.
+
+    A parallel region ends when its slowest thread does; on a machine where another process
+    holds a core, that thread waits for its time slice, and two threads can be many times
+    slower than one (measured here at a load of 8 on 2 cores: a median step of 560 ms with 2
+    threads, 77 ms with 1). After the first ``window`` steps, and again every ``period`` steps,
+    the other choice is tried for ``window`` steps and kept if its median step is 10 % faster;
+    each failed try doubles the period (up to ``max_period``), so a bad choice costs little.
+    The kernels' results do not depend on the thread count.
+    """
+
+    def __init__(self, window: int = 3, period: int = 32, max_period: int = 2048) -> None:
+        self.window, self.base_period, self.max_period = window, period, max_period
+        self.period = period
+        self.current: int | None = None
+        self.recent: list[float] = []  # step times with the current choice
+        self.trial: list[float] = []  # step times with the alternative, while trying it
+        self.next_trial = window  # step count at which the next try starts
+        self.steps = 0
+
+    def choices(self) -> tuple[int, int]:
+        """(the default: torch's thread count, the alternative: 1)."""
+        best = torch.get_num_threads()
+        return best, 1
+
+    def threads(self) -> int:
+        """The thread count for the next step."""
+        first, other = self.choices()
+        if self.current not in (first, other):  # first use, or torch's thread count changed
+            self.current, self.recent, self.trial, self.period = first, [], [], self.base_period
+            self.next_trial = self.steps + self.window
+        if first != other and self.steps >= self.next_trial:
+            return other if self.current == first else first
+        return self.current
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The wall time of a step run with ``threads``."""
+        self.steps += 1
+        if threads == self.current:
+            self.recent = (self.recent + [seconds])[-self.window :]
+            return
+        self.trial.append(seconds)
+        if len(self.trial) < self.window:
+            return
+        if self.recent and statistics.median(self.trial) < 0.9 * statistics.median(self.recent):
+            self.current, self.recent, self.period = threads, self.trial, self.base_period
+        else:
+            self.period = min(2 * self.period, self.max_period)
+        self.trial = []
+        self.next_trial = self.steps + self.period
 
 
 def _kernel_weight(m: object) -> kernels.QWeight | None:
@@ -72,6 +128,7 @@ class FusedDecoder:
         per_row = 2 * cfg.dim + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         per_row += cfg.n_heads * cfg.head_dim + 3 * cfg.hidden_dim
         self.scratch = torch.empty(MAX_ROWS * per_row, dtype=torch.float32)
+        self.tuner = ThreadTuner()
 
     def forward(self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor) -> Tensor:
         """Hidden states (B, dim) after the last layer for B decode tokens: ``ids`` (B,) token ids,
@@ -80,4 +137,25 @@ class FusedDecoder:
         for layer in self.layers:
             kernels.decode_layer(layer, self.dims, x, pos, slots, tables, lens, self.scratch)
         return x
+
+    def timed(self) -> _TimedStep:
+        """``with decoder.timed():`` around a decode step (layers and logits): the kernels
+        inside use the tuner's thread count and the step's time goes back to it."""
+        return _TimedStep(self.tuner)
+
+
+class _TimedStep:
+    def __init__(self, tuner: ThreadTuner) -> None:
+        self.tuner = tuner
+
+    def __enter__(self) -> None:
+        self.threads = self.tuner.threads()
+        self.ctx = kernels.using_threads(self.threads)
+        self.ctx.__enter__()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.ctx.__exit__(*exc)
+        if exc[0] is None:
+            self.tuner.record(self.threads, time.perf_counter() - self.t0)
 

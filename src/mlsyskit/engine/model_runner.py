@@ -88,20 +88,24 @@ class ModelRunner:
             # additive float mask built once per step (a bool mask is converted in every layer)
             decode_mask = torch.zeros(valid.shape, dtype=self.kv.k.dtype).masked_fill_(~valid, float("-inf")).view(nd, 1, 1, -1)
         ids_t, pos_t, slots_t = torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long)
-        if self.fused is not None and 0 < nd <= MAX_ROWS:
-            # Decode rows always take the fused path, whatever else is in the step, so a token's
-            # result never depends on its neighbours (quantized activations turn float32
-            # rounding differences into rounding flips); prefill rows run through the modules.
-            hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], tables, lens)
-            if prefills:
+        rows = [r for r in last_rows if r is not None]
+        if self.fused is not None and 0 < nd <= MAX_ROWS and not prefills:
+            with self.fused.timed():  # a pure decode step: timed for the thread-count tuner
+                hidden = self.fused.forward(ids_t, pos_t.int(), slots_t, tables, lens)
+                logits = self.model.logits(hidden[rows])
+        else:
+            if self.fused is not None and 0 < nd <= MAX_ROWS:
+                # Decode rows always take the fused path, whatever else is in the step, so a
+                # token's result never depends on its neighbours (quantized activations turn
+                # float32 rounding differences into rounding flips); prefills take the modules.
+                hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], tables, lens)
                 shifted = [dataclasses.replace(c, start=c.start - nd) for c in prefills]
                 meta = StepMeta(slots_t[nd:], 0, None, None, shifted)
                 hidden = torch.cat((hidden, self._modules_forward(ids_t[nd:], pos_t[nd:], meta)))
-        else:
-            meta = StepMeta(slots_t, nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
-            hidden = self._modules_forward(ids_t, pos_t, meta)
-        rows = [r for r in last_rows if r is not None]
-        logits = self.model.logits(hidden[rows]) if rows else None
+            else:
+                meta = StepMeta(slots_t, nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
+                hidden = self._modules_forward(ids_t, pos_t, meta)
+            logits = self.model.logits(hidden[rows]) if rows else None
         out: list[Tensor | None] = []
         k = 0
         for r in last_rows:

@@ -34,7 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -348,8 +349,24 @@ class QWeight:
         return total
 
 
+_thread_override: list[int] = []  # innermost using_threads() value
+
+
+@contextmanager
+def using_threads(n: int) -> Iterator[None]:
+    """Kernels called inside use ``n`` threads (default: ``torch.get_num_threads()``).
+    Results do not depend on it: each output row (attention head) is one thread's work."""
+    _thread_override.append(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _thread_override.pop()
+
+
 def _threads(threads: int | None) -> int:
-    return threads or torch.get_num_threads()
+    if threads:
+        return threads
+    return _thread_override[-1] if _thread_override else torch.get_num_threads()
 
 
 def qmatmul(x: Tensor, w: QWeight, *, out: Tensor | None = None, lib: Library | None = None,
