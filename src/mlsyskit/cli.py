@@ -48,6 +48,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
             shown = f" (default: {default})"
         else:  # None defaults are either explained in the help text or mean "off"
             shown = "" if "default" in help_text else " (default: off)"
+        if str(f.type) == "bool":  # an on/off switch (--secagg)
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", default=None, help=help_text + " (default: off)")
+            continue
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

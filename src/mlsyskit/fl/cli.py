@@ -39,6 +39,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         shown = f" (default: {default})" if default is not None else ("" if "default" in help_text else " (default: off)")
         hint = str(f.type)
+        if hint == "bool":  # an on/off switch (--secagg)
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", default=None, help=help_text + " (default: off)")
+            continue
         kind = _batch_size if f.name == "batch_size" else int if "int" in hint else float if "float" in hint else str
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        metavar=f.metadata.get("metavar", f.name.upper()), help=help_text + shown)

@@ -46,6 +46,7 @@ class FLConfig:
     dp_clip: float | None = _f(None, "client-level differential privacy (DP-FedAvg): clip each update to this L2 norm, weight the round's clients equally and add Gaussian noise of std --dp-noise-multiplier x C to their sum; epsilon at --dp-delta goes to metrics.jsonl", metavar="C")
     dp_noise_multiplier: float | None = _f(None, "noise multiplier z of DP-FedAvg (needs --dp-clip; default 1.0 with --dp-clip)", metavar="Z")
     dp_delta: float = _f(1e-5, "delta at which the privacy accountant reports epsilon")
+    secagg: bool = _f(False, "secure aggregation (pairwise X25519 masks, fixed point mod 2^32): the server sees only masked updates and their sum; fedavg-family strategies only, no --malicious or --dp-clip; a round with a dropout reruns among those who answered")
     malicious: int = _f(0, "number of malicious clients (a fixed, seeded subset)")
     attack: str = _f("sign-flip", "what malicious clients send: sign-flip, scale, noise, label-flip, nan")
     attack_scale: float = _f(10.0, "strength of sign-flip (-s * update), scale (s * update) and noise (std s * update std)")
@@ -121,6 +122,10 @@ class FLConfig:
             f"--dp-clip calibrates noise to a mean of clipped updates; --strategy {self.strategy} is not a mean "
             "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)",
         )
+        if self.secagg:
+            need(self.strategy not in ROBUST, f"--secagg: the server only sees the sum of masked updates; --strategy {self.strategy} needs each update (use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
+            need(self.dp_clip is None, "--secagg with --dp-clip needs noise distributed across clients, which is not implemented; use one or the other")
+            need(self.malicious == 0, "--secagg hides each update from the server, so --malicious attacks cannot be simulated with it")
         need(self.malicious >= 0, f"--malicious must be >= 0 (got {self.malicious})")
         need(
             self.clients is None or self.malicious <= self.clients,

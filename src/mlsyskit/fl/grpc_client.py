@@ -23,7 +23,13 @@ import torch
 from mlsyskit.errors import UserError
 from mlsyskit.fl import wire
 from mlsyskit.fl.config import FLConfig
-from mlsyskit.fl.simulation import Federation, poison_update, setup, train_clients
+from mlsyskit.fl.simulation import (
+    Federation,
+    poison_update,
+    secagg_contribution,
+    setup,
+    train_clients,
+)
 
 FAULTS = ("nan", "wrong-shape", "garbage", "oversize")
 
@@ -77,8 +83,9 @@ class _Client:
                     raise UserError(f"{what} on {self.opts.server} failed: {code.name}: {details}") from None
                 time.sleep(0.5)
 
-    def join(self) -> dict[str, Any]:
-        reply = self.call("joining", lambda: self.join_rpc(wire.header({"client_id": self.opts.client_id}), metadata=self.md, timeout=10))
+    def join(self, pub: bytes) -> dict[str, Any]:
+        head = wire.header({"client_id": self.opts.client_id, "pub": pub.hex()})
+        reply = self.call("joining", lambda: self.join_rpc(head, metadata=self.md, timeout=10))
         return wire.parse_header(reply)
 
 
@@ -111,8 +118,11 @@ def _payload(w: torch.Tensor, fault: str | None) -> bytes:
 
 def run_client(opts: ClientOptions) -> dict[str, Any]:
     """Join, then train and send until the server says the run is done; returns what it did."""
+    from mlsyskit.fl import secagg
+
     client = _Client(opts)
-    info = client.join()
+    priv, pub = secagg.keypair()  # used only if the run has --secagg
+    info = client.join(pub)
     names = {f.name for f in dataclasses.fields(FLConfig)}
     cfg = FLConfig(**{k: v for k, v in info["config"].items() if k in names})
     cfg = dataclasses.replace(cfg, data_dir=opts.data_dir, out=None, threads=opts.threads or cfg.threads)
@@ -145,7 +155,13 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
         if opts.delay:
             time.sleep(opts.delay)
         up = {"client_id": opts.client_id, "server": head.get("server"), "round": rnd, "attempt": attempt, "loss": float(losses[0]), "train_s": train_s}
-        msgs_up = wire.stream(up, _payload(w, opts.fault))
+        if cfg.secagg:
+            peers = {int(k): bytes.fromhex(v) for k, v in head["peers"].items()}
+            values = secagg.encode(secagg_contribution(fed, opts.client_id, w, global_w))
+            payload = wire.encode_masked(secagg.mask(opts.client_id, values, priv, peers, rnd, attempt))
+        else:
+            payload = _payload(w, opts.fault)
+        msgs_up = wire.stream(up, payload)
         reply = client.call("sending", lambda msgs_up=msgs_up: client.submit_rpc(iter(msgs_up), metadata=client.md, timeout=60))
         status = wire.parse_header(reply)
         client.log(f"round {rnd}: sent {sum(len(m) for m in msgs_up)} bytes: {status['status']}" + (f" ({status['reason']})" if status.get("reason") else ""))

@@ -20,6 +20,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -75,7 +76,8 @@ class _Task:
     attempt: int
     blob: bytes
     active: set[int]
-    received: dict[int, tuple[torch.Tensor, float, float]] = field(default_factory=dict)  # id -> (w, loss, train_s)
+    peers: dict[int, str] = field(default_factory=dict)  # --secagg: the masked set's public keys (hex)
+    received: dict[int, tuple[Any, float, float]] = field(default_factory=dict)  # id -> (w, loss, train_s)
     malformed: dict[int, str] = field(default_factory=dict)  # id -> why
     bytes_up: int = 0
     bytes_down: int = 0
@@ -94,6 +96,7 @@ class GrpcTransport:
         self.task: _Task | None = None
         self.finished = False
         self.joined: dict[int, float] = {}
+        self.pubkeys: dict[int, str] = {}  # --secagg: each client's X25519 public key (hex)
         self.ready: set[int] = set()  # clients that have polled for a task (their data is loaded)
         self.told_done: set[int] = set()
         self.server: grpc.Server | None = None
@@ -169,9 +172,14 @@ class GrpcTransport:
         blob = wire.encode_model(global_w)
         ids = [int(c) for c in active]
         need = min(self.opts.min_clients, len(ids))
+        secure = fed.cfg.secagg
         tasks: list[_Task] = []
-        for attempt in range(self.opts.round_retries + 1):
-            task = _Task(rnd, attempt, blob, set(ids))
+        attempt, retries = -1, 0
+        while True:
+            attempt += 1
+            if secure:  # the masked set: clients whose public key the server holds
+                ids = [c for c in ids if c in self.pubkeys]
+            task = _Task(rnd, attempt, blob, set(ids), peers={c: self.pubkeys[c] for c in ids} if secure else {})
             tasks.append(task)
             deadline = time.monotonic() + self.opts.round_timeout
             with self.cond:
@@ -184,23 +192,37 @@ class GrpcTransport:
                     self.cond.wait(left)
                 self.task = None  # from now on an update for this round is late
             answered = len(task.received) + len(task.malformed)
-            if answered >= need:
+            got = [c for c in ids if c in task.received]
+            if answered >= need and (not secure or len(got) == len(ids)):
                 break
+            if secure and len(got) >= need:
+                # masks cancel only over the whole masked set: rerun, re-keyed, among those who
+                # answered (the set shrinks each time, so this ends; it is not a retry)
+                _log(f"round {rnd}: secure aggregation needs every masked update; rerunning among clients {got}")
+                ids = got
+                continue
+            retries += 1
             _log(
                 f"round {rnd}: {answered} of {len(ids)} sampled clients answered within --round-timeout "
                 f"{self.opts.round_timeout:g} s, fewer than --min-clients {need}; "
-                + ("retrying" if attempt < self.opts.round_retries else "giving up")
+                + ("retrying" if retries <= self.opts.round_retries else "giving up")
             )
-        else:
-            raise UserError(
-                f"round {rnd}: fewer than --min-clients {need} clients answered in {self.opts.round_retries + 1} attempts; "
-                "the run directory keeps the last checkpoint (continue with --resume)"
-            )
+            if retries > self.opts.round_retries:
+                raise UserError(
+                    f"round {rnd}: fewer than --min-clients {need} clients answered in {retries} attempts; "
+                    "the run directory keeps the last checkpoint (continue with --resume)"
+                )
         got = [c for c in ids if c in task.received]
-        missing = [c for c in ids if c not in task.received and c not in task.malformed]
+        missing = [int(c) for c in active if c not in task.received and c not in task.malformed]
         if missing:
             _log(f"round {rnd}: no update from client(s) {missing} by the deadline; closing the round with {len(got)}")
         p = fed.num_params
+        if secure:
+            return Collected(
+                ids=got, models=torch.zeros(0, p), losses=torch.tensor([task.received[c][1] for c in got], dtype=torch.float32),
+                train_s=max((task.received[c][2] for c in got), default=0.0), malformed=sorted(task.malformed), missing=missing,
+                masked=[task.received[c][0] for c in got], bytes_up=sum(t.bytes_up for t in tasks), bytes_down=sum(t.bytes_down for t in tasks),
+            )
         return Collected(
             ids=got,
             models=torch.stack([task.received[c][0] for c in got]) if got else torch.zeros(0, p),
@@ -246,9 +268,15 @@ class GrpcTransport:
     def _join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         cid = self._auth(context)
         assert self.fed is not None
+        try:
+            pub = wire.parse_header(request).get("pub")
+        except ValueError:
+            pub = None
         with self.cond:
             first = cid not in self.joined
             self.joined[cid] = time.time()
+            if isinstance(pub, str) and len(pub) == 64:
+                self.pubkeys[cid] = pub
             self.cond.notify_all()
         _log(f"client {cid} {'joined' if first else 'rejoined'} from {context.peer()} ({len(self.joined)} joined)")
         return wire.header({"client_id": cid, "config": self.fed.cfg.to_json(), "num_params": self.fed.num_params})
@@ -273,6 +301,8 @@ class GrpcTransport:
                 task = self.task
                 if task and cid in task.active and cid not in task.received and cid not in task.malformed and done != [self.instance, task.rnd, task.attempt]:
                     head = {"status": "train", "round": task.rnd, "attempt": task.attempt, "server": self.instance, "bytes": len(task.blob)}
+                    if task.peers:
+                        head["peers"] = task.peers
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or not context.is_active():
@@ -316,7 +346,8 @@ class GrpcTransport:
         w = None
         if reason is None:
             try:
-                w = wire.decode_model(bytes(buf), self.fed.num_params)
+                decode = wire.decode_masked if self.fed.cfg.secagg else wire.decode_model
+                w = decode(bytes(buf), self.fed.num_params)
             except ValueError as e:
                 reason = str(e)
         loss = head.get("loss")

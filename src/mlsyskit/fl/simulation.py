@@ -93,6 +93,7 @@ class Collected:
     train_s: float
     malformed: list[int] = field(default_factory=list)  # answered with something not a model
     missing: list[int] = field(default_factory=list)  # asked, but no answer by the deadline
+    masked: list[np.ndarray] | None = None  # --secagg: the clients' masked uint32 vectors (models is empty)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -121,6 +122,19 @@ class InProcess:
             if c in fed.malicious:
                 models[i] = poison_update(fed, rnd, int(c), models[i], global_w)
         size = 4 * fed.num_params
+        if fed.cfg.secagg:
+            from mlsyskit.fl import secagg
+
+            keys = {int(c): secagg.keypair() for c in active}
+            peers = {c: pub for c, (_, pub) in keys.items()}
+            masked = [
+                secagg.mask(int(c), secagg.encode(secagg_contribution(fed, int(c), models[i], global_w)), keys[int(c)][0], peers, rnd, 0)
+                for i, c in enumerate(active)
+            ]
+            return Collected(
+                ids=active.tolist(), models=torch.zeros(0, fed.num_params), losses=losses, train_s=train_s, masked=masked,
+                bytes_up=len(active) * size, bytes_down=len(sampled) * size,
+            )
         return Collected(
             ids=active.tolist(),
             models=models,
@@ -132,6 +146,16 @@ class InProcess:
 
     def close(self) -> None:
         pass
+
+
+def secagg_contribution(fed: Federation, client: int, model: torch.Tensor, global_w: torch.Tensor) -> np.ndarray:
+    """What a client masks under --secagg: its sample count times its update (clipped to
+    --max-update-norm by the client itself, as the server cannot see it)."""
+    delta = model.double() - global_w.double()
+    bound = fed.cfg.max_update_norm
+    if bound is not None:
+        delta = delta * min(1.0, bound / max(float(delta.norm()), 1e-300))
+    return (float(fed.counts[client]) * delta).numpy()
 
 
 def poison_update(fed: Federation, rnd: int, client: int, model: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
@@ -219,6 +243,8 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         down = len(sampled) * 4 * fed.num_params if isinstance(transport, InProcess) else 0
         return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0, dropped=dropout, bytes_down=down)
     got = transport.collect(fed, rnd, global_w, sampled, active)
+    if got.masked is not None:
+        return _secure_round(fed, global_w, sampled, active, got, dropout)
     answered = set(got.ids) | set(got.malformed)
     trained = [int(c) for c in active if int(c) in answered]
     ids = np.array(got.ids, dtype=np.int64)
@@ -268,6 +294,38 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         sampled=sampled.tolist(),
         trained=trained,
         rejected=rejected,
+        train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
+        train_s=got.train_s,
+        note=note,
+        dropped=sorted(dropout + got.missing),
+        bytes_up=got.bytes_up,
+        bytes_down=got.bytes_down,
+    )
+
+
+def _secure_round(
+    fed: Federation, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray, got: Collected, dropout: list[int]
+) -> RoundResult:
+    """Aggregate a --secagg round: the server unmasks only the sum of the clients' weighted updates."""
+    from mlsyskit.fl import secagg
+
+    trained = [int(c) for c in active if int(c) in set(got.ids)]
+    new_w, note = global_w, None
+    if got.ids:
+        total = torch.from_numpy(secagg.unmask_sum(got.masked or []))
+        mean_model = (global_w.double() + total / float(fed.counts[got.ids].sum())).to(global_w.dtype)
+        saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
+        new_w = fed.strategy.aggregate(global_w, mean_model[None], torch.ones(1))
+        why = _uncommittable(global_w, new_w, torch.zeros(1), check_step=False)
+        if why:
+            fed.strategy.load_state_dict(saved)
+            new_w, note = global_w, f"aggregate not committed ({why}); the model stays as it was"
+    finite_loss = got.losses[torch.isfinite(got.losses)]
+    return RoundResult(
+        global_w=new_w,
+        sampled=sampled.tolist(),
+        trained=trained,
+        rejected=sorted(got.malformed) + (trained if note else []),
         train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
         train_s=got.train_s,
         note=note,

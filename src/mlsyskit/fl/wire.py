@@ -59,6 +59,34 @@ def decode_model(blob: bytes, num_params: int) -> Any:
     return w
 
 
+MASKED = "m"
+
+
+def encode_masked(values: Any) -> bytes:
+    """A --secagg client's masked uint32 vector (numpy), sent as int32 bits."""
+    import torch
+    from safetensors.torch import save
+
+    return save({MASKED: torch.from_numpy(values.view("int32").copy())})
+
+
+def decode_masked(blob: bytes, num_params: int) -> Any:
+    """The masked uint32 numpy vector of a blob; ValueError saying what is wrong."""
+    import torch
+    from safetensors.torch import load
+
+    try:
+        tensors = load(blob)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a malformed update
+        raise ValueError(f"not a safetensors blob ({type(e).__name__})") from None
+    m = tensors.get(MASKED)
+    if m is None or len(tensors) != 1:
+        raise ValueError(f"expected one tensor {MASKED!r} (a masked update), got {sorted(tensors)[:5]}")
+    if m.dtype != torch.int32 or tuple(m.shape) != (num_params,):
+        raise ValueError(f"masked update of dtype {m.dtype} and shape {tuple(m.shape)}, expected int32 ({num_params},)")
+    return m.numpy().view("uint32")
+
+
 def chunks(blob: bytes) -> Iterator[bytes]:
     for i in range(0, len(blob), CHUNK):
         yield blob[i : i + CHUNK]

@@ -1,0 +1,56 @@
+"""Secure aggregation: pairwise X25519 masks cancel in the sum, each masked update looks uniform."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlsyskit.errors import UserError
+from mlsyskit.fl import FLConfig, run, secagg
+
+
+def test_masks_cancel_in_the_sum_and_each_masked_update_looks_uniform():
+    rng = np.random.default_rng(0)
+    k, n = 4, 20_000
+    keys = [secagg.keypair() for _ in range(k)]
+    peers = {i: pub for i, (_, pub) in enumerate(keys)}
+    plain = [rng.normal(size=n) * 10 for _ in range(k)]
+    masked = [secagg.mask(i, secagg.encode(plain[i]), keys[i][0], peers, rnd=3, attempt=0) for i in range(k)]
+    # the unmasked sum equals the plain sum within the fixed-point step (rounding per client)
+    assert np.abs(secagg.unmask_sum(masked) - sum(plain)).max() <= k * 2.0**-secagg.FRAC_BITS
+    # what the server receives from one client: uniform over Z_2^32, unrelated to its update
+    y = masked[0].astype(np.float64) / 2**32
+    counts = np.histogram(y, bins=16, range=(0, 1))[0]
+    chi2 = float(((counts - n / 16) ** 2 / (n / 16)).sum())
+    assert chi2 < 40  # 15 degrees of freedom: p ~ 5e-4
+    assert abs(np.corrcoef(y, plain[0])[0, 1]) < 0.05
+    # a missing client leaves the sum masked (no recovery without it)
+    assert np.abs(secagg.unmask_sum(masked[:-1]) - sum(plain[:-1])).max() > 1e3
+    # another round or attempt gives other masks
+    again = secagg.mask(0, secagg.encode(plain[0]), keys[0][0], peers, rnd=3, attempt=1)
+    assert (again != masked[0]).mean() > 0.99
+
+
+def test_encode_refuses_non_finite_or_out_of_range():
+    for bad in ([np.nan], [secagg.LIMIT]):
+        with pytest.raises(ValueError):
+            secagg.encode(np.array(bad))
+
+
+def test_simulated_secagg_run_matches_plain_fedavg(tmp_path, data_dir):
+    def cfg(name, **kw):
+        return FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=10,
+                        fraction=0.5, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / name), **kw)
+
+    run(cfg("plain"), progress=False)
+    run(cfg("secure", secagg=True), progress=False)
+    rows = {n: [json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("plain", "secure")}
+    for p, s in zip(rows["plain"], rows["secure"], strict=True):
+        assert s["clients"] == p["clients"] == 5
+        assert s["test_loss"] == pytest.approx(p["test_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(strategy="krum"), "needs each update"), (dict(dp_clip=1.0), "--dp-clip"), (dict(malicious=1), "--malicious")])
+def test_secagg_refuses_what_needs_individual_updates(kw, msg):
+    with pytest.raises(UserError, match=msg):
+        FLConfig(clients=10, model="logreg", secagg=True, **kw).resolved()
