@@ -84,6 +84,9 @@ gpus = ["big:0", "big:1"]
 max_num_batched_tokens = 2048
 admission = "whole"
 
+[cost]
+kv_overhead_ns = 0.5   # exercised by the fast-forward test
+
 [workload]
 rate = 2.0
 requests = 300

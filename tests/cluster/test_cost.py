@@ -54,9 +54,9 @@ def test_step_time_by_hand() -> None:
     # a 100-token prefill chunk: compute (100 * 320 + 80 + 16 * 5050) / 1000 = 112.88 s, compute-bound
     assert InstanceCost.prefill_pairs(0, 100) == 5050
     assert c.step_time(100, 1, 5050, 0, 1) == pytest.approx(112.88)
-    # overheads add: 1 s a step, 0.5 s a sequence, 0.25 s a token
-    c2 = InstanceCost(toy(), 1000.0, 100.0, 1, CostParams(1.0, 1.0, 1.0, 0.5, 0.25))
-    assert c2.step_time(1, 1, 11, 10, 1) == pytest.approx(6.0 + 1.0 + 0.5 + 0.25)
+    # overheads add: 1 s a step, 0.5 s a sequence, 0.25 s a token, 0.01 s a cached token read
+    c2 = InstanceCost(toy(), 1000.0, 100.0, 1, CostParams(1.0, 1.0, 1.0, 0.5, 0.25, 0.01))
+    assert c2.step_time(1, 1, 11, 10, 1) == pytest.approx(6.0 + 1.0 + 0.5 + 0.25 + 0.1)
 
 
 def test_tensor_parallel_step_by_hand() -> None:
@@ -74,7 +74,7 @@ def test_decode_run_time_is_the_sum_of_its_steps() -> None:
     """The closed form equals summing step_time, on both sides of the compute/memory crossover."""
     rng = random.Random(0)
     for flops, bw in ((1e6, 1e9), (1e4, 1e3), (3e3, 250.0)):
-        c = InstanceCost(toy(), flops, bw, 1, CostParams(0.7, 0.9, 0.01, 0.001, 0.0001))
+        c = InstanceCost(toy(), flops, bw, 1, CostParams(0.7, 0.9, 0.01, 0.001, 0.0001, 2e-6))
         for _ in range(50):
             d, ctx, k = rng.randint(1, 40), rng.randint(0, 5000), rng.randint(1, 300)
             direct = sum(c.step_time(d, d, ctx + i * d + d, ctx + i * d, d) for i in range(k))

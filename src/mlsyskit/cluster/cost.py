@@ -10,10 +10,12 @@ split evenly):
     allreduce= 2 * n_layers * ring(T * hidden * act_bytes)         (0 when tp = 1)
     ring(b)  = 2 (tp - 1) / tp * b / link_bandwidth + 2 (tp - 1) * link_latency
     step     = max(compute, memory) + allreduce + step_overhead + seq_overhead * seqs
-               + token_overhead * T
+               + token_overhead * T + kv_overhead * R
 
-``mfu``/``mbu`` (the fraction of peak FLOP/s and bandwidth a real kernel reaches) and the three
-overheads are what ``mlsyskit cluster calibrate`` fits to measured step times.
+``mfu``/``mbu`` (the fraction of peak FLOP/s and bandwidth a real kernel reaches) and the
+overheads are what ``mlsyskit cluster calibrate`` fits to measured step times (``kv_overhead``:
+per cached token attended to, for attention that runs slower than the roofline says, as on a
+CPU; 0 by default).
 
 For a run of decode-only steps with ``D`` sequences whose context grows by ``D`` tokens a
 step, compute and memory are both linear in the step index, so the time of ``k`` steps has a
@@ -37,6 +39,7 @@ class CostParams:
     step_overhead_s: float = 0.002
     seq_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
+    kv_overhead_s: float = 0.0  # per cached token read by attention
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class InstanceCost:
         compute = (tokens * self.lin + sampled * self.head + pairs * self.attn) / self.flops
         memory = (self.w + (kv_read + tokens) * self.kvb) / self.bw
         ar = self.ar_fixed + self.ar_per_token * tokens if tokens else 0.0
-        return max(compute, memory) + ar + p.step_overhead_s + p.seq_overhead_s * seqs + p.token_overhead_s * tokens
+        return (max(compute, memory) + ar + p.step_overhead_s + p.seq_overhead_s * seqs + p.token_overhead_s * tokens
+                + p.kv_overhead_s * kv_read)
 
     def breakdown(self, tokens: int, sampled: int, pairs: float, kv_read: float, seqs: int) -> dict[str, float]:
         """The terms of :meth:`step_time` apart (for reports and tests)."""
@@ -91,7 +95,7 @@ class InstanceCost:
             "compute_s": (tokens * self.lin + sampled * self.head + pairs * self.attn) / self.flops,
             "memory_s": (self.w + (kv_read + tokens) * self.kvb) / self.bw,
             "allreduce_s": self.ar_fixed + self.ar_per_token * tokens if tokens else 0.0,
-            "overhead_s": p.step_overhead_s + p.seq_overhead_s * seqs + p.token_overhead_s * tokens,
+            "overhead_s": p.step_overhead_s + p.seq_overhead_s * seqs + p.token_overhead_s * tokens + p.kv_overhead_s * kv_read,
         }
 
     @staticmethod
@@ -100,44 +104,50 @@ class InstanceCost:
         return n * computed + n * (n + 1) / 2.0
 
     # -- runs of decode steps ----------------------------------------------------------------
-    def _decode_lines(self, d: int, ctx0: float) -> tuple[float, float, float, float, float]:
+    def _decode_lines(self, d: int, ctx0: float) -> tuple[float, float, float, float, float, float]:
         """Step i of a decode run (d sequences, ``ctx0`` cached tokens in all at step 0) costs
-        max(a1 + b1 i, a2 + b2 i) + c."""
+        max(a1 + b1 i, a2 + b2 i) + c + e i."""
         a1 = (d * (self.lin + self.head) + (ctx0 + d) * self.attn) / self.flops
         b1 = d * self.attn / self.flops
         a2 = (self.w + (ctx0 + d) * self.kvb) / self.bw
         b2 = d * self.kvb / self.bw
         p = self.params
-        c = self.ar_fixed + self.ar_per_token * d + p.step_overhead_s + p.seq_overhead_s * d + p.token_overhead_s * d
-        return a1, b1, a2, b2, c
+        c = (self.ar_fixed + self.ar_per_token * d + p.step_overhead_s + p.seq_overhead_s * d + p.token_overhead_s * d
+             + p.kv_overhead_s * ctx0)
+        e = p.kv_overhead_s * d
+        return a1, b1, a2, b2, c, e
 
     def decode_run_time(self, d: int, ctx0: float, k: int) -> float:
         """Seconds of ``k`` decode steps of ``d`` sequences holding ``ctx0`` cached tokens in all
         at the start (exactly the sum of :meth:`step_time` over the steps)."""
         if k <= 0:
             return 0.0
-        a1, b1, a2, b2, c = self._decode_lines(d, ctx0)
-        return _sum_max_lines(a1, b1, a2, b2, k) + c * k
+        a1, b1, a2, b2, c, e = self._decode_lines(d, ctx0)
+        return _sum_max_lines(a1, b1, a2, b2, k) + _line_sum(c, e, 0, k)
 
     def decode_steps_done(self, d: int, ctx0: float, k: int, elapsed: float) -> int:
         """The step of a ``k``-step decode run in progress after ``elapsed`` seconds, counted
         from 1: the smallest j <= k whose end is at or after ``elapsed``."""
         if k <= 1:
             return 1
-        a1, b1, a2, b2, c = self._decode_lines(d, ctx0)
+        a1, b1, a2, b2, c, e = self._decode_lines(d, ctx0)
+
+        def run(j: int) -> float:
+            return _sum_max_lines(a1, b1, a2, b2, j) + _line_sum(c, e, 0, j)
+
         # Step times grow with i, so the run's time is convex in j: solve the quadratic of the
         # larger line for a first guess, then walk to the exact step with the closed form.
         a, b = (a1, b1) if a1 + b1 * (k - 1) >= a2 + b2 * (k - 1) else (a2, b2)
-        a += c
+        a, b = a + c, b + e
         if b > 0:
             disc = (a - b / 2) ** 2 + 2 * b * elapsed
             j = math.ceil((-(a - b / 2) + math.sqrt(disc)) / b)
         else:
             j = math.ceil(elapsed / a) if a > 0 else 1
         j = min(max(j, 1), k)
-        while j > 1 and _sum_max_lines(a1, b1, a2, b2, j - 1) + c * (j - 1) >= elapsed:
+        while j > 1 and run(j - 1) >= elapsed:
             j -= 1
-        while j < k and _sum_max_lines(a1, b1, a2, b2, j) + c * j < elapsed:
+        while j < k and run(j) < elapsed:
             j += 1
         return j
 

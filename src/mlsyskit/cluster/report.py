@@ -277,12 +277,14 @@ def plot_report(known: list[dict[str, Any]], unknown: list[dict[str, Any]], path
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    names = list(dict.fromkeys([r["policy"] for r in known] + [r["policy"] for r in unknown]))
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(names)}
     for col, (rows, what) in enumerate(((known, "output lengths known"), (unknown, "output lengths unknown"))):
         for p in dict.fromkeys(r["policy"] for r in rows):
             pts = sorted((r["rate"], r["goodput_req_s"], r["ttft_p99"] or float("nan"), r["slo_attainment"]) for r in rows if r["policy"] == p)
             style = "-" if p in ("length-class", "oracle", "predict") else "--"
-            axes[0][col].plot([x[0] for x in pts], [x[1] for x in pts], style, marker="o", ms=3, label=p)
-            axes[1][col].plot([x[0] for x in pts], [x[2] for x in pts], style, marker="o", ms=3, label=p)
+            axes[0][col].plot([x[0] for x in pts], [x[1] for x in pts], style, marker="o", ms=3, label=p, color=colors[p])
+            axes[1][col].plot([x[0] for x in pts], [x[2] for x in pts], style, marker="o", ms=3, label=p, color=colors[p])
         rates = sorted({r["rate"] for r in rows})
         axes[0][col].plot(rates, rates, ":", color="grey", lw=1, label="offered")
         axes[0][col].set_title(f"goodput (SLO-attaining req/s), {what}")

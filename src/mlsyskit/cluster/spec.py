@@ -259,12 +259,13 @@ def spec_from_dict(raw: dict[str, Any], path: Path | None = None) -> Spec:
     network = _link({k: v for k, v in net.items() if k != "entry"}, "[network]")
 
     cost_t = raw.get("cost") or {}
-    _check_keys(cost_t, {"mfu", "mbu", "step_overhead_ms", "seq_overhead_ms", "token_overhead_us"}, "[cost]")
+    _check_keys(cost_t, {"mfu", "mbu", "step_overhead_ms", "seq_overhead_ms", "token_overhead_us", "kv_overhead_ns"}, "[cost]")
     cost = CostParams(
         mfu=_num(cost_t, "mfu", "[cost]", 0.5), mbu=_num(cost_t, "mbu", "[cost]", 0.8),
         step_overhead_s=_num(cost_t, "step_overhead_ms", "[cost]", 2.0, positive=False) / 1e3,
         seq_overhead_s=_num(cost_t, "seq_overhead_ms", "[cost]", 0.0, positive=False) / 1e3,
         token_overhead_s=_num(cost_t, "token_overhead_us", "[cost]", 0.0, positive=False) / 1e6,
+        kv_overhead_s=_num(cost_t, "kv_overhead_ns", "[cost]", 0.0, positive=False) / 1e9,
     )
     if cost.mfu > 1 or cost.mbu > 1:
         raise UserError("[cost] mfu and mbu are fractions of the peak: at most 1")
