@@ -51,7 +51,7 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 ROUTER_DRAIN_MARGIN_S = 5.0  # at shutdown, the router's deadline is the workers' plus this
 # serve flags that belong to this process, not to the workers
 # (the API key goes to the workers through the environment: a command line is visible in `ps`)
-_OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help"}
+_OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help", "policy"}
 
 
 def worker_flags(args: argparse.Namespace) -> list[str]:
@@ -398,7 +398,11 @@ def serve_replicated(args: argparse.Namespace) -> int:
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     api_key = getattr(args, "api_key", None) or os.environ.get("MLSYSKIT_API_KEY") or None
-    router = Router([], api_key=api_key)
+    from mlsyskit.cluster.routing import build_routing_policy
+
+    policy = build_routing_policy(getattr(args, "policy", None), [], None)
+    routing = f"policy {policy.name}" if policy else "least outstanding tokens"
+    router = Router([], api_key=api_key, policy=policy)
     manager = ReplicaManager(router, flags, per, initial, scaler, poll_interval=interval)
     router.extra_metrics = manager.metrics
     failed: list[str] = []
@@ -414,7 +418,7 @@ def serve_replicated(args: argparse.Namespace) -> int:
         name = await _model_name(router)
         cs = ", ".join(f"{c:.1f}s" for c in manager.cold_starts)
         # the same ready line as a single `mlsyskit serve`, so scripts can wait for it
-        print(f"serving {name} on http://{shown}:{bound_port} ({mode}, {per} thread(s) each, router: least outstanding tokens, cold starts {cs})", flush=True)
+        print(f"serving {name} on http://{shown}:{bound_port} ({mode}, {per} thread(s) each, router: {routing}, cold starts {cs})", flush=True)
 
     app = build_app(router, lifespan_hooks=(start, manager.close))
     log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, shown, bound_port)

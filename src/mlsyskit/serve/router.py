@@ -137,8 +137,12 @@ class Router:
         request_timeout: float = 600.0,
         api_key: str | None = None,
         latency_window_s: float = 30.0,
+        policy: Any = None,
     ) -> None:
         self.backends: dict[str, Backend] = {}
+        # a placement policy of mlsyskit.cluster (cluster.routing.RoutingPolicy); None: least
+        # outstanding tokens, below
+        self.policy = policy
         for url in backends:
             self.add_backend(url)
         self.health_interval = health_interval
@@ -173,12 +177,17 @@ class Router:
     def live(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.routable]
 
-    def pick(self, exclude: Collection[str] = ()) -> Backend:
-        """The routable backend with the least outstanding tokens (ties: fewest in flight,
+    def pick(self, exclude: Collection[str] = (), req: Any = None) -> Backend:
+        """The routable backend the policy picks for ``req`` (``--policy``), else (or when the
+        policy finds none) the one with the least outstanding tokens (ties: fewest in flight,
         then rotate)."""
         cands = [b for b in self.backends.values() if b.routable and b.url not in exclude]
         if not cands:
             raise NoBackend
+        if self.policy is not None and req is not None:
+            chosen = self.policy.pick(cands, req)
+            if chosen is not None:
+                return chosen
         k = next(self._rr)
         n = len(cands)
         order = {b.url: (i - k) % n for i, b in enumerate(cands)}
@@ -301,7 +310,7 @@ class Router:
         return b.in_flight == 0
 
     # -- forwarding --------------------------------------------------------------------------
-    async def forward(self, method: str, path: str, body: bytes, headers: dict[str, str], stream: bool, cost: int) -> Upstream:
+    async def forward(self, method: str, path: str, body: bytes, headers: dict[str, str], stream: bool, cost: int, req: Any = None) -> Upstream:
         """Send the request to the least-loaded backend, retrying on others while a backend
         fails before answering. The caller must call `release()` of the result once the answer
         is relayed (it returns the request's tokens to the backend's budget)."""
@@ -309,7 +318,7 @@ class Router:
         last_429: Upstream | None = None
         while True:
             try:
-                b = self.pick(tried)
+                b = self.pick(tried, req)
             except NoBackend:
                 if last_429 is not None:
                     return last_429
@@ -490,12 +499,17 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
                 parsed = None  # the backend answers bad JSON with its own 400
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
         cost = estimate_tokens(parsed) if request.method == "POST" else 0
+        req = None
+        if router.policy is not None and request.method == "POST":
+            from mlsyskit.cluster.routing import request_tokens
+
+            req = router.policy.request(*request_tokens(parsed))
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASS_HEADERS}
         if request.url.query:
             path = path + "?" + request.url.query
         t0 = time.perf_counter()
         try:
-            answered, up = await router.wait_upstream(router.forward(request.method, path, body, headers, stream, cost))
+            answered, up = await router.wait_upstream(router.forward(request.method, path, body, headers, stream, cost, req))
         except NoBackend:
             return unavailable()
         except Exception as e:  # noqa: BLE001

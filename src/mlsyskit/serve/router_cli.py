@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--timeout", type=float, default=600.0, metavar="S", help="longest a backend may take to answer one request (default: 600)")
     r.add_argument("--api-key", default=None, metavar="KEY", help="key the router uses for its own health checks when backends require one; clients' Authorization headers are passed through (default: none)")
     r.add_argument("--drain-timeout", type=float, default=30.0, metavar="S", help="on SIGTERM/SIGINT, seconds the requests in flight get to finish (new ones get 503) before they are ended with an error (default: 30)")
+    r.add_argument("--policy", default=None, metavar="NAME", help="placement policy of mlsyskit.cluster (the simulator's code): random, round-robin, jsq, lot, length-class, best-fit, oracle, predict (default: least outstanding tokens)")
+    r.add_argument("--replica-spec", nargs="+", default=None, metavar="SPEC", help="one per backend, in --backends order: threads=N,kv=TOKENS,ctx=TOKENS (its speed, KV budget and context) for the policies that weigh them (default: equal replicas, unbounded)")
     r.set_defaults(func=_router)
 
     g = sub.add_parser(
@@ -75,8 +77,12 @@ def _router(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    print(f"router on http://{args.host}:{args.port} over {len(args.backends)} backend(s)", flush=True)
-    return run_router(args.backends, args.host, args.port, health_interval=args.health_interval, request_timeout=args.timeout, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    from mlsyskit.cluster.routing import build_routing_policy
+
+    policy = build_routing_policy(args.policy, args.backends, args.replica_spec)
+    shown = f"policy {policy.name}" if policy else "least outstanding tokens"
+    print(f"router on http://{args.host}:{args.port} over {len(args.backends)} backend(s), {shown}", flush=True)
+    return run_router(args.backends, args.host, args.port, health_interval=args.health_interval, request_timeout=args.timeout, api_key=args.api_key, drain_timeout=args.drain_timeout, policy=policy)
 
 
 def _loadgen(args: argparse.Namespace) -> int:
