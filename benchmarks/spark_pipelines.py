@@ -123,25 +123,21 @@ def peer_spark_ingest(args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     summary = ingest(spark, args.docs_dir, out)
     job_s = time.perf_counter() - t1
-    failed = _failed_tasks(spark)
     spark.stop()
+    lost = _lost_tasks(out / "logs" / "spark.log")
     corpus = load_ingested(out)
     np.save(out / "vectors.npy", corpus.vectors)
     (out / "ids.json").write_text(json.dumps(corpus.ids))
     return {"job_s": job_s, "start_s": start_s, "chunks": summary["chunks"], "model_loads": summary["model_loads"],
-            "failed_task_attempts": failed, "out": str(out)}
+            "lost_tasks": lost, "out": str(out)}
 
 
-def _failed_tasks(spark: Any) -> int:
-    """Failed task attempts over the application's jobs (Spark's status tracker)."""
-    tracker = spark.sparkContext.statusTracker()
-    failed = 0
-    for job in tracker.getJobIdsForGroup(None):
-        info = tracker.getJobInfo(job)
-        for stage in info.stageIds if info else []:
-            s = tracker.getStageInfo(stage)
-            failed += s.numFailedTasks if s else 0
-    return failed
+def _lost_tasks(log: Path) -> list[str]:
+    """The driver's "Lost task" warnings in Spark's log (a task lost with its executor, or
+    its retry failing to fetch the dead executor's shuffle output), first line of each."""
+    if not log.exists():
+        return []
+    return [line.split(": ", 1)[1][:200] for line in log.read_text(errors="replace").splitlines() if "WARN TaskSetManager: Lost task" in line]
 
 
 PEERS = {"single-ngram": peer_single_ngram, "spark-ngram": peer_spark_ngram,

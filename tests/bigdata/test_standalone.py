@@ -2,7 +2,7 @@
 command runs on it unchanged, and an executor SIGKILLed in the middle of the job is replaced:
 Spark retries its tasks and the job completes with the same vectors.
 
-Opt-in (about 2 minutes here: five JVMs on two cores): MLSYSKIT_SPARK_CLUSTER_TEST=1.
+Opt-in (3-4 minutes here: five JVMs on two busy cores): MLSYSKIT_SPARK_CLUSTER_TEST=1.
 `benchmarks/spark_pipelines.py` runs the same kill on every run and records it.
 """
 
@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MLSYSKIT_SPARK_CLUSTER_TEST"),
-    reason="starts a 3-JVM standalone cluster (~2 min): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
+    reason="starts a 3-JVM standalone cluster (~3-4 min here): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
 )
 
 
