@@ -101,3 +101,17 @@ def test_spark_listens_on_loopback_only(spark) -> None:
     loopback = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
     assert all(a.startswith(loopback) for a in addresses), addresses
     assert spark.sparkContext.uiWebUrl.startswith("http://127.0.0.1:")
+
+
+def test_session_configuration(tmp_path: Path) -> None:
+    from mlsyskit.bigdata.session import local_parallelism, spark_conf
+
+    assert [local_parallelism(m) for m in ("local", "local[3]", "local[4,2]")] == [1, 3, 4]
+    local = spark_conf("local[3]", tmp_path)
+    assert local["spark.driver.bindAddress"] == local["spark.driver.host"] == "127.0.0.1"
+    assert local["spark.sql.shuffle.partitions"] == "6" and local["spark.ui.showConsoleProgress"] == "false"
+    assert "log4j2.configurationFile=file:" in local["spark.executor.extraJavaOptions"]
+    remote = spark_conf("spark://10.0.0.7:7077", tmp_path)
+    assert "spark.executor.extraJavaOptions" not in remote  # our log file is not on their disks
+    assert "spark.sql.shuffle.partitions" not in remote
+    assert (tmp_path / "log4j2.properties").read_text().count(str(tmp_path.resolve() / "spark.log")) == 1

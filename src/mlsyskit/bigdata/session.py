@@ -128,8 +128,10 @@ def local_parallelism(master: str) -> int:
     """Threads of a ``local[N]``/``local[*]`` master (1 for ``local``)."""
     if master == "local":
         return 1
-    inner = master[len("local["):-1].split(",")[0]
-    return os.cpu_count() or 1 if inner == "*" else int(inner)
+    inner = master[len("local["):-1].split(",")[0].strip()
+    if inner == "*":  # as Spark counts them: the CPUs this process may use
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(inner)
 
 
 def spark_conf(master: str, log_dir: str | Path, *, ui: bool = True, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -142,19 +144,25 @@ def spark_conf(master: str, log_dir: str | Path, *, ui: bool = True, extra: dict
         "spark.ui.port": "0",  # any free port: several sessions (and users) on one machine
         "spark.ui.showConsoleProgress": "false",
         "spark.driver.extraJavaOptions": log_opts,
-        "spark.executor.extraJavaOptions": log_opts,
         "spark.pyspark.python": sys.executable,
         "spark.sql.warehouse.dir": str(Path(log_dir).resolve() / "spark-warehouse"),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.session.timeZone": "UTC",
         "spark.driver.memory": "2g",
     }
+    if is_local(master) or _on_this_machine(master):
+        # executors here can read the same log4j file (a remote cluster keeps its own logging)
+        conf["spark.executor.extraJavaOptions"] = log_opts
     if is_local(master):
         # Small shuffles: 200 partitions (the default) cost more than they save on one machine.
         conf["spark.sql.shuffle.partitions"] = str(2 * local_parallelism(master))
         conf["spark.default.parallelism"] = str(local_parallelism(master))
     conf.update(extra or {})
     return conf
+
+
+def _on_this_machine(master: str) -> bool:
+    return master.startswith(("spark://127.0.0.1:", "spark://localhost:"))
 
 
 def _check_master(master: str) -> None:
