@@ -28,8 +28,13 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
+# llama-cpp-python compiles llama.cpp. Its default -march=native build died with an illegal
+# instruction at model load on a CPU that advertises AMX: build the x86 SIMD levels explicitly.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+	-DGGML_AVX512_BF16=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 bench-deps: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[test,bench]'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -45,12 +45,13 @@ def _assert_pool_empty(llm: LLM) -> None:
     [
         {},
         {"batching": "static", "max_num_seqs": 4},
-        {"max_num_batched_tokens": 7},  # chunked prefill: every prompt split into chunks
+        {"max_num_batched_tokens": 7, "max_prefill_tokens": 7},  # chunked prefill: every prompt split into chunks
+        {"max_num_batched_tokens": 7},  # small chunks while decoding, whole prompts when nothing decodes
         {"paged": False},
         {"prefix_caching": False},
         {"block_size": 4, "max_num_seqs": 2},
     ],
-    ids=["continuous", "static", "chunked", "unpaged", "no-prefix-cache", "small-blocks"],
+    ids=["continuous", "static", "chunked", "chunked-while-decoding", "unpaged", "no-prefix-cache", "small-blocks"],
 )
 def test_greedy_output_is_the_same_in_every_mode(ckpt: Checkpoint, variant: dict) -> None:
     prompts = _ids(ckpt)

@@ -50,6 +50,7 @@ class LLMEngine:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int = 512,
+        max_prefill_tokens: int = 8192,
         max_num_seqs: int = 64,
         prefix_caching: bool = True,
         paged: bool = True,
@@ -65,7 +66,8 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         if not paged:  # one contiguous region per sequence: a "block" is a whole context
             block_size, prefix_caching = self.max_model_len, False
-        for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+        for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("max_prefill_tokens", max_prefill_tokens), ("max_num_seqs", max_num_seqs)):
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
         self.model = build_transformer(cfg, checkpoint.state_dict, dtype, quantized_linear=quantized_linear)
@@ -95,7 +97,8 @@ class LLMEngine:
             self.kv_cache = PagedKVCache(cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, dtype)
             self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(
-            self.block_manager, batching=batching, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            self.block_manager, batching=batching, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
         )
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.requests: dict[str, _Request] = {}

@@ -3,9 +3,12 @@
 ``continuous`` (iteration-level, as in Orca / vLLM): every step, running sequences first (a decode
 costs one token of the budget, a prompt still being prefilled gets the next chunk), then waiting
 requests are admitted while the token budget ``max_num_batched_tokens`` and ``max_num_seqs``
-allow; a long prompt is split into chunks so it never stalls the decoders. When the KV pool runs
-out, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed later (its generated tokens are kept).
+allow; a long prompt is split into chunks so it never stalls the decoders. While no sequence is
+decoding there is no decoder to stall, and the budget is ``max_prefill_tokens`` (larger): many
+requests arriving at once are prefilled in a few large steps, as static batching does, instead
+of many small ones that each read every weight. When the KV pool runs out, the most recently
+admitted sequence is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed later (its generated tokens are kept).
 
 ``static`` (the naive baseline): a batch of up to ``max_num_seqs`` requests is admitted only when
 the previous batch has completely finished; whole prompts are prefilled at once.
@@ -29,11 +32,13 @@ class Scheduler:
         batching: str = "continuous",
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
+        max_prefill_tokens: int = 8192,
     ) -> None:
         self.bm = block_manager  # None: no KV cache (recompute mode), nothing to allocate
         self.batching = batching
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens = max(max_prefill_tokens, max_num_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -83,7 +88,8 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step: ``(sequence, number of new tokens to compute)`` pairs."""
         static = self.batching == "static"
-        budget = float("inf") if static else self.max_num_batched_tokens
+        decoding = any(s.num_computed >= s.num_prompt_tokens for s in self.running)
+        budget = float("inf") if static else self.max_num_batched_tokens if decoding else self.max_prefill_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if budget <= 0:
