@@ -129,13 +129,21 @@ class FusedDecoder:
         per_row += cfg.n_heads * cfg.head_dim + 3 * cfg.hidden_dim
         self.scratch = torch.empty(MAX_ROWS * per_row, dtype=torch.float32)
         self.tuner = ThreadTuner()
+        self.stats = None  # profiling: a ctypes array the layers add their phase times to
+
+    def profile(self, on: bool = True) -> None:
+        """Start (or stop) adding each layer phase's time to ``self.stats``, seconds summed over
+        layers and steps, in the order of :data:`mlsyskit.quant.kernels.DECODE_PHASES`."""
+        import ctypes
+
+        self.stats = (ctypes.c_double * len(kernels.DECODE_PHASES))() if on else None
 
     def forward(self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor) -> Tensor:
         """Hidden states (B, dim) after the last layer for B decode tokens: ``ids`` (B,) token ids,
         ``pos`` (B,) int32 positions, ``slots``/``tables``/``lens`` as for the paged attention."""
         x = self.model.embed(ids).float().contiguous()
         for layer in self.layers:
-            kernels.decode_layer(layer, self.dims, x, pos, slots, tables, lens, self.scratch)
+            kernels.decode_layer(layer, self.dims, x, pos, slots, tables, lens, self.scratch, stats=self.stats)
         return x
 
     def timed(self) -> _TimedStep:

@@ -169,7 +169,7 @@ def _load(variant: str) -> tuple[Library | None, str]:
     dll.mlsk_gather_rows.restype = None
     dll.mlsk_attn_decode.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, i, p, p, i, i, i, i, i, f, i]
     dll.mlsk_attn_decode.restype = ctypes.c_int
-    dll.mlsk_decode_layer.argtypes = [p, p, p, i, p, p, p, i, p, p, i]
+    dll.mlsk_decode_layer.argtypes = [p, p, p, i, p, p, p, i, p, p, i, p]
     dll.mlsk_decode_layer.restype = ctypes.c_int
     got = dll.mlsk_variant().decode()
     if got != variant:  # e.g. a compiler that ignored -mavx512vnni
@@ -452,17 +452,21 @@ def fake_quantize_activations(x: Tensor) -> Tensor:
     return (torch.round(xb * inv) * d).reshape(x.shape)
 
 
+DECODE_PHASES = ("qkv", "attention", "o_proj", "gate_up", "down", "other")
+
+
 def decode_layer(layer: DecodeLayer, dims: DecodeDims, x: Tensor, pos: Tensor, slots: Tensor,
-                 tables: Tensor, lens: Tensor, scratch: Tensor, *, lib: Library | None = None,
-                 threads: int | None = None) -> None:
+                 tables: Tensor, lens: Tensor, scratch: Tensor, *, stats: Any = None,
+                 lib: Library | None = None, threads: int | None = None) -> None:
     """One Llama-family layer for B decoding sequences, ``x`` (B, dim) float32 updated in place
     (csrc/decode.c). ``pos`` (B,) int32 positions, ``slots`` (B,) int64, ``tables`` (B, max_blocks)
     and ``lens`` (B,) int32 as for :func:`attn_decode`; ``scratch``: float32 with at least
-    B * (2 dim + (H + 2 Hkv) D + H D + 3 hidden) elements."""
+    B * (2 dim + (H + 2 Hkv) D + H D + 3 hidden) elements. ``stats``: None, or a ctypes array of
+    6 doubles the seconds of each of :data:`DECODE_PHASES` are added to (profiling)."""
     rc = _lib(lib).dll.mlsk_decode_layer(
         ctypes.addressof(layer), ctypes.addressof(dims), x.data_ptr(), x.shape[0], pos.data_ptr(),
         slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), scratch.data_ptr(),
-        _threads(threads),
+        _threads(threads), None if stats is None else ctypes.addressof(stats),
     )
     if rc:
         raise MemoryError("the fused decode layer failed (out of memory)")

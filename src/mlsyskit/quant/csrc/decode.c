@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct qpart qpart_t; /* qmatmul.c */
 
@@ -54,19 +55,37 @@ static void rope(float *v, const float *cos, const float *sin_signed, int D) {
     for (int d = 0; d < D; d++) v[d] = tmp[d] * cos[d] + tmp[(d + half) % D] * sin_signed[d];
 }
 
-/* x (B, dim) is updated in place; scratch holds B * (2 dim + qkv + H D + 3 hidden) floats.
- * Returns 0, or -1 on failure (out of memory) */
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* With stats: seconds spent in each phase are added to stats[0..5] = qkv, attention (RoPE, KV
+ * write, attention), o_proj, gate_up, down, the rest (norms, SwiGLU, residual adds). */
+#define LAP(i)                                                                                     \
+    if (stats) {                                                                                   \
+        const double t_ = now();                                                                   \
+        stats[i] += t_ - t0;                                                                       \
+        t0 = t_;                                                                                   \
+    }
+
+/* x (B, dim) is updated in place; scratch holds B * (2 dim + qkv + H D + 3 hidden) floats;
+ * stats: NULL, or 6 doubles the phase times are added to. Returns 0, or -1 on failure. */
 int mlsk_decode_layer(const layer_t *L, const dims_t *m, float *x, int B, const int32_t *pos,
                       const int64_t *slots, const int32_t *tables, int max_blocks,
-                      const int32_t *lens, float *scratch, int threads) {
+                      const int32_t *lens, float *scratch, int threads, double *stats) {
     const int dim = m->dim, D = m->D, H = m->H, Hkv = m->Hkv, hid = m->hidden;
     const int nqkv = (H + 2 * Hkv) * D;
     float *h = scratch, *qkv = h + B * dim, *att = qkv + B * nqkv, *gu = att + B * H * D;
     float *act = gu + B * 2 * hid, *tmp = act + B * hid;
+    double t0 = stats ? now() : 0.0;
     if (D > 512) return -1;
 
     for (int b = 0; b < B; b++) rmsnorm(x + b * dim, L->attn_norm, h + b * dim, dim, m->eps);
+    LAP(5)
     if (mlsk_qmatmul(h, dim, B, dim, L->qkv, L->n_qkv, qkv, nqkv, threads)) return -1;
+    LAP(0)
     for (int b = 0; b < B; b++) {
         float *row = qkv + (int64_t)b * nqkv;
         if (L->qkv_bias)
@@ -78,17 +97,24 @@ int mlsk_decode_layer(const layer_t *L, const dims_t *m, float *x, int B, const 
                          L->v_pool, tables, max_blocks, lens, att, B, H, Hkv, D, m->block_size,
                          1.f / sqrtf((float)D), threads))
         return -1;
+    LAP(1)
     if (mlsk_qmatmul(att, H * D, B, H * D, L->o, L->n_o, tmp, dim, threads)) return -1;
+    LAP(2)
     for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
 
     for (int b = 0; b < B; b++) rmsnorm(x + b * dim, L->ffn_norm, h + b * dim, dim, m->eps);
+    LAP(5)
     if (mlsk_qmatmul(h, dim, B, dim, L->gate_up, L->n_gate_up, gu, 2 * hid, threads)) return -1;
+    LAP(3)
     for (int b = 0; b < B; b++)
         for (int i = 0; i < hid; i++) {
             const float g = gu[(int64_t)b * 2 * hid + i], u = gu[(int64_t)b * 2 * hid + hid + i];
             act[(int64_t)b * hid + i] = g / (1.f + expf(-g)) * u;
         }
+    LAP(5)
     if (mlsk_qmatmul(act, hid, B, hid, L->down, L->n_down, tmp, dim, threads)) return -1;
+    LAP(4)
     for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
+    LAP(5)
     return 0;
 }
