@@ -131,7 +131,7 @@ class ChatMessage(BaseModel):
     400 rather than silently dropped, which would answer a different question."""
 
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(description="system, developer (read as system), user or assistant")
+    role: str = Field(description="system, developer (read as system), user or assistant", json_schema_extra={"enum": list(ROLES)})
     content: str | list[TextPart] | None = Field(None, description="a string or a list of text parts; null only on an assistant message")
 
     @field_validator("role")
