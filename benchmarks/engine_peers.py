@@ -1,12 +1,15 @@
 """The peers of engine_throughput.py: one class per system, each able to generate for one
-request alone (batch-1 decode) and to serve a list of requests with arrival times.
+request alone (batch-1 decode, prefill) and to serve a list of requests with arrival times.
 
-  Ours      mlsyskit.engine.LLM (paged KV, continuous or static batching, kv_cache on/off)
+  Ours      mlsyskit.engine.LLM: the GGUF's Q4_1/Q8_0 blocks run natively (default) or
+            dequantized to fp32 (dtype="float32"); paged KV, continuous or static batching,
+            kv_cache on/off
   HF        transformers generate() on the same GGUF dequantized to fp32, one request at a
             time or in left-padded static batches
   LlamaCpp  llama.cpp through llama-cpp-python on the GGUF as stored, one request at a time
 
-Heavy libraries (the engine, transformers, llama_cpp) are imported when a system is built.
+Perplexity (``nll``) is computed by ours and llama.cpp on the same token windows. Heavy
+libraries (the engine, transformers, llama_cpp) are imported when a system is built.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import common
 
 
 @dataclass
@@ -128,6 +133,23 @@ class Ours(System):
         }
         return records, max(r["finish"] for r in records), extra
 
+    def nll(self, ids: list[int], window: int) -> tuple[float, int]:
+        """Summed negative log-likelihood of each window's tokens 1.. given the ones before,
+        over non-overlapping windows (one forward each, the engine's prefill path)."""
+        import torch
+
+        model = self.llm.engine.model
+        total, n = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(ids) - 1, window):
+                w = torch.tensor(ids[i : i + window])
+                if len(w) < 2:
+                    break
+                logp = torch.log_softmax(model(w.unsqueeze(0))[0, :-1].double(), -1)
+                total -= float(logp.gather(1, w[1:].unsqueeze(1)).sum())
+                n += len(w) - 1
+        return total, n
+
 
 class _Clock:
     """A transformers streamer that only timestamps each generated step (the first put() is
@@ -218,8 +240,30 @@ class LlamaCpp(System):
         from llama_cpp import Llama
 
         self.name = name
+        self.gguf, self.threads, self.seed = gguf, threads, seed
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, seed=seed, verbose=False)
+
+    def nll(self, ids: list[int], window: int) -> tuple[float, int]:
+        """As Ours.nll, with llama.cpp's logits (a second context that keeps every position's)."""
+        from llama_cpp import Llama
+
+        lm = Llama(model_path=str(self.gguf), n_ctx=window, n_threads=self.threads, n_threads_batch=self.threads,
+                   n_batch=window, seed=self.seed, logits_all=True, verbose=False)
+        total, n = 0.0, 0
+        for i in range(0, len(ids) - 1, window):
+            w = ids[i : i + window]
+            if len(w) < 2:
+                break
+            lm.reset()
+            lm.eval(w)
+            logits = np.asarray(lm.scores[: len(w) - 1], dtype=np.float64)
+            logits -= logits.max(1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            total -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+            n += len(w) - 1
+        del lm
+        return total, n
 
     def generate1(self, ids: list[int], n: int) -> tuple[float, float, float, list[int]]:
         self.llm.reset()  # no KV reuse between requests (prompts do not share prefixes anyway)
@@ -235,26 +279,40 @@ class LlamaCpp(System):
         return start, times[0], times[-1], toks
 
 
-def build_systems(names: list[str], args: argparse.Namespace, ckpt: Any, gguf: Path) -> tuple[dict[str, System], dict[str, Any]]:
+def rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_systems(names: list[str], args: argparse.Namespace, ckpts: dict[str, Any], gguf: Path) -> tuple[dict[str, System], dict[str, Any]]:
+    """``ckpts``: "native" and "fp32" checkpoints of the GGUF (ours run from them; each reset
+    builds a fresh engine from them). Per system: time to build it and the resident memory
+    its construction and a short first generation added to this process."""
     systems: dict[str, System] = {}
     info: dict[str, Any] = {}
     engine_kwargs = {
         "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
-        "prefix_caching": True, "paged": True, "dtype": "float32",
+        "prefix_caching": True, "paged": True,
     }
     for name in names:
         t = time.perf_counter()
+        rss0 = rss_mib()
         try:
             if name == "ours":
-                sys_: System = Ours(name, ckpt, dict(engine_kwargs, kv_cache=True, batching="continuous"))
+                sys_: System = Ours(name, ckpts["native"], dict(engine_kwargs, kv_cache=True, batching="continuous"))
+            elif name == "ours_fp32":
+                sys_ = Ours(name, ckpts["fp32"], dict(engine_kwargs, kv_cache=True, batching="continuous", dtype="float32"))
             elif name == "ours_static":
-                sys_ = Ours(name, ckpt, dict(engine_kwargs, kv_cache=True, batching="static", max_num_seqs=args.static_max_seqs))
+                sys_ = Ours(name, ckpts["native"], dict(engine_kwargs, kv_cache=True, batching="static", max_num_seqs=args.static_max_seqs))
             elif name == "ours_naive":
-                sys_ = Ours(name, ckpt, dict(engine_kwargs, kv_cache=False, batching="continuous"))
+                sys_ = Ours(name, ckpts["native"], dict(engine_kwargs, kv_cache=False, batching="continuous"))
             elif name == "hf":
                 sys_ = HF(name, gguf, batch=1)
-            elif name == "hf_batch8":
+            elif name == "hf_batch":
                 hf = systems.get("hf")
                 sys_ = HF.__new__(HF)
                 if isinstance(hf, HF):  # share the loaded model
@@ -275,15 +333,42 @@ def build_systems(names: list[str], args: argparse.Namespace, ckpt: Any, gguf: P
             print(f"  {name}: FAILED to load ({e})", flush=True)
             continue
         load_s = time.perf_counter() - t
-        info[name] = {"skipped": False, "load_s": round(load_s, 2)}
+        if name != "hf_batch":
+            sys_.generate1([1, 2, 3, 4], 2)  # touch the weights once
+        info[name] = {"skipped": False, "build_s": round(load_s, 2), "rss_added_mib": round(rss_mib() - rss0, 1)}
         if isinstance(sys_, Ours):
             info[name]["engine"] = sys_.engine_kwargs
             bm = sys_.llm.engine.block_manager
             info[name]["num_kv_blocks"] = bm.num_blocks if bm is not None else None
             info[name]["max_model_len"] = sys_.llm.engine.max_model_len
+            info[name]["fused_decode"] = sys_.llm.engine.runner.fused is not None
         systems[name] = sys_
         print(f"  loaded {name} in {load_s:.1f} s", flush=True)
     return systems, info
+
+
+def load_times(gguf: Path, names: list[str], reps: int, threads: int) -> dict[str, Any]:
+    """Seconds from a GGUF path to a system ready to generate, fresh each time (median of
+    ``reps``): ours native (memory-mapped blocks), ours fp32 (dequantized), llama.cpp."""
+    out: dict[str, Any] = {}
+
+    def ours(dtype: Any) -> None:
+        from mlsyskit.engine import LLM
+
+        LLM(gguf, dtype=dtype)
+
+    def llama() -> None:
+        from llama_cpp import Llama
+
+        Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+
+    for name, fn in (("ours", lambda: ours(None)), ("ours_fp32", lambda: ours("float32")), ("llamacpp", llama)):
+        if name not in names:
+            continue
+        times = [common.timed(fn)[1] for _ in range(reps)]
+        out[name] = {"load_s_median": round(float(np.median(times)), 3), "load_s": [round(x, 3) for x in times],
+                     "loadavg_1m": common.loadavg()}
+    return out
 
 
 def tokenizer_agreement(systems: dict[str, System], tok: Any, reqs: list[Request]) -> dict[str, Any]:
@@ -292,8 +377,8 @@ def tokenizer_agreement(systems: dict[str, System], tok: Any, reqs: list[Request
     check: dict[str, Any] = {}
     sample_texts = [tok.decode(r.prompt_ids) for r in reqs[: min(16, len(reqs))]]
     mine = [tok.encode(t) for t in sample_texts]
-    if "hf" in systems or "hf_batch8" in systems:
-        hf_tok = (systems.get("hf") or systems["hf_batch8"]).tokenizer  # type: ignore[attr-defined]
+    if "hf" in systems or "hf_batch" in systems:
+        hf_tok = (systems.get("hf") or systems["hf_batch"]).tokenizer  # type: ignore[attr-defined]
         check["transformers_equal"] = sum(hf_tok(t, add_special_tokens=False)["input_ids"] == m for t, m in zip(sample_texts, mine, strict=True))
     if "llamacpp" in systems:
         lc = systems["llamacpp"].llm  # type: ignore[attr-defined]

@@ -1,7 +1,12 @@
-"""LLM serving on SmolLM2-135M: mlsyskit's engine vs its naive modes, transformers and llama.cpp.
+"""LLM serving on SmolLM2-135M: mlsyskit's engine (native quantized and fp32) vs its naive
+modes, transformers and llama.cpp.
 
-One run, one process, the same prompts (as token ids) for every system, 2 threads each:
+One run, one process, the same GGUF and the same prompts (as token ids) for every system,
+--threads threads each:
 
+  load             seconds from the GGUF path to a ready system, fresh each time (median of
+                   --load-reps), and the resident memory each system added to the process
+  prefill          a --prefill-tokens prompt, time to the first token (rounds, order rotated)
   batch-1 decode   one prompt, --decode-tokens greedy new tokens (EOS ignored); decode tok/s =
                    (new tokens - 1) / (last token time - first token time), so prefill is left
                    out. The systems take turns (--decode-reps rounds, the order rotated each
@@ -13,21 +18,28 @@ One run, one process, the same prompts (as token ids) for every system, 2 thread
                    system). Throughput = generated tokens / (last completion - first
                    submission); TTFT and end-to-end latency count from each request's
                    (scheduled) arrival, so they include queueing.
+  perplexity       ours (native and fp32) and llama.cpp on the same held-out text (the last
+                   10 % of Tiny Shakespeare, --ppl-tokens tokens in windows of --ppl-window)
+  profile          where ours' batch-1 decode token goes (benchmarks/engine_profile.py):
+                   per-phase time, achieved GB/s against the measured memory bandwidth
 
 The systems (--systems):
-  ours         mlsyskit.engine.LLM: paged KV cache, continuous batching, chunked prefill
-  ours_static  the same engine with batching="static" (a batch of up to max_num_seqs is admitted
-               only when the previous one has completely finished)
-  ours_naive   the same engine with kv_cache=False (recomputes the whole sequence every token):
-               quadratic, so it runs a reduced workload (--naive-requests, --naive-max-tokens,
-               arriving together; ours runs the same reduced workload next to it for the ratio)
-               and a shorter batch-1 decode (--naive-decode-tokens, first round only)
-  hf           transformers AutoModelForCausalLM on the same GGUF dequantized to fp32 (what
-               ours runs), generate() greedy, one request at a time in arrival order
-  hf_batch8    (extra, not in the default set) transformers generate() on left-padded batches
-               of up to 8 waiting requests, each batch running to completion
-  llamacpp     llama.cpp through llama-cpp-python on the same Q4_1 GGUF (n_threads=2), one
-               request at a time in arrival order (it serves one sequence at a time)
+  ours         mlsyskit.engine.LLM on the GGUF as stored (Q4_1/Q8_0 blocks memory-mapped,
+               integer kernels, fused decode layers): paged KV cache, continuous batching
+  ours_fp32    the same engine with dtype="float32" (the GGUF dequantized on load: the reference)
+  ours_static  ours with batching="static" (a batch of up to max_num_seqs is admitted only when
+               the previous one has completely finished)
+  ours_naive   ours with kv_cache=False (recomputes the whole sequence every token): quadratic,
+               so it runs a reduced workload (--naive-requests, --naive-max-tokens, arriving
+               together; ours runs the same reduced workload next to it for the ratio) and a
+               shorter batch-1 decode (--naive-decode-tokens, first round only)
+  hf           transformers AutoModelForCausalLM on the same GGUF dequantized to fp32,
+               generate() greedy, one request at a time in arrival order
+  hf_batch     transformers generate() on left-padded batches of up to --hf-batch (64) waiting
+               requests, each batch running to completion: all 64 at once when they arrive
+               together
+  llamacpp     llama.cpp through llama-cpp-python on the same Q4_1 GGUF (n_threads=--threads),
+               one request at a time in arrival order (it serves one sequence at a time)
 
 The Poisson rate (--rate, requests/s) defaults to --rate-factor x the request rate the fastest
 one-by-one baseline (llama.cpp, else transformers) sustained in this run's all-together phase,
@@ -38,9 +50,8 @@ arrival times, which is what a single-sequence server does. Every measurement of
 from a fresh engine (same weights), so no phase profits from the prefix cache of an earlier one.
 OMP_WAIT_POLICY=PASSIVE is set for all systems (--omp-wait-policy): on this shared machine
 spinning OpenMP threads made llama.cpp's decode 3-4x and torch's prefill up to ~7x slower.
-Greedy outputs are compared token by token
-(ours vs transformers: same fp32 weights, so they should match; mismatches late in long
-generations can come from fp rounding and are reported with the first divergence position).
+Greedy outputs are compared token by token: ours_fp32 vs transformers (same fp32 weights: they
+should match), and native vs fp32 (int8 activations: a near tie can go either way).
 
 Results: benchmarks/results/engine_throughput.json and a bar chart next to it (.png).
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engine_throughput.py [--quick]
@@ -69,7 +80,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, how
 # The systems live in engine_peers; summaries, replay, greedy checks, goals, table and chart in
 # engine_report. This file builds the workload and runs the phases.
 import common  # noqa: E402
-from engine_peers import Ours, Request, System, build_systems, tokenizer_agreement  # noqa: E402
+from engine_peers import Ours, Request, System, build_systems, load_times, tokenizer_agreement  # noqa: E402
+from engine_profile import memory_bandwidth, profile_decode  # noqa: E402
 from engine_report import (  # noqa: E402
     compute_goals,
     greedy_checks,
@@ -81,22 +93,24 @@ from engine_report import (  # noqa: E402
 
 DEFAULT_OUT = common.RESULTS / "engine_throughput.json"
 
-SYSTEMS = ("ours", "ours_static", "ours_naive", "hf", "hf_batch8", "llamacpp")
-DEFAULT_SYSTEMS = ("ours", "ours_static", "ours_naive", "hf", "llamacpp")
+SYSTEMS = ("ours", "ours_fp32", "ours_static", "ours_naive", "hf", "hf_batch", "llamacpp")
+DEFAULT_SYSTEMS = SYSTEMS
 ONE_BY_ONE = ("hf", "llamacpp")
 LABELS = {
-    "ours": "mlsyskit engine (paged KV, continuous batching)",
-    "ours_static": "mlsyskit engine, batching='static'",
-    "ours_naive": "mlsyskit engine, kv_cache=False (reduced workload)",
-    "hf": "transformers generate, one request at a time",
-    "hf_batch8": "transformers generate, left-padded static batches of <= 8",
-    "llamacpp": "llama.cpp (llama-cpp-python), one request at a time",
+    "ours": "mlsyskit engine, native Q4_1/Q8_0 (paged KV, continuous batching)",
+    "ours_fp32": "mlsyskit engine, dtype='float32' (the GGUF dequantized on load)",
+    "ours_static": "mlsyskit engine, native, batching='static'",
+    "ours_naive": "mlsyskit engine, native, kv_cache=False (reduced workload)",
+    "hf": "transformers generate (fp32), one request at a time",
+    "hf_batch": "transformers generate (fp32), left-padded batches of all waiting requests",
+    "llamacpp": "llama.cpp (llama-cpp-python, Q4_1), one request at a time",
 }
 
 # --quick: a smoke run (explicit flags still win)
 QUICK = {
     "requests": 8, "prompt_len": [16, 128], "output_len": [8, 32], "decode_tokens": 32, "decode_reps": 1,
-    "naive_requests": 2, "naive_max_tokens": 4, "naive_decode_tokens": 8,
+    "naive_requests": 2, "naive_max_tokens": 4, "naive_decode_tokens": 8, "prefill_reps": 1, "load_reps": 1,
+    "ppl_tokens": 1024, "profile_tokens": 32,
 }
 
 FALLBACK_TEXT = (
@@ -120,6 +134,11 @@ def load_text(data_dir: str | None) -> tuple[str, str]:
     return FALLBACK_TEXT * 400, "built-in paragraph (Tiny Shakespeare not found)"
 
 
+def held_out_ids(text: str, encode: Callable[[str], list[int]], n: int) -> list[int]:
+    """The first ``n`` tokens of the text's last 10 % (the prompts come from the rest)."""
+    return encode(text[int(0.9 * len(text)) :])[:n]
+
+
 def cut_prompt(text: str, encode: Callable[[str], list[int]], rng: np.random.Generator, n_tokens: int) -> list[int]:
     """``n_tokens`` token ids of the text from a random line start (re-tokenized after cutting,
     so the ids are exactly what a tokenizer gives for the prompt text)."""
@@ -137,17 +156,20 @@ def make_workload(args: argparse.Namespace, encode: Callable[[str], list[int]], 
     rng = np.random.default_rng(args.seed)
     plo, phi = args.prompt_len
     olo, ohi = args.output_len
+    text = text[: int(0.9 * len(text))]  # the last 10 % is the held-out perplexity text
     prompt_lens = rng.integers(plo, phi + 1, size=args.requests)
     out_lens = rng.integers(olo, ohi + 1, size=args.requests)
     requests = [Request(cut_prompt(text, encode, rng, int(p)), int(o)) for p, o in zip(prompt_lens, out_lens, strict=True)]
     decode_prompt = cut_prompt(text, encode, rng, args.decode_prompt_tokens)
     warm_prompt = cut_prompt(text, encode, rng, 96)
+    prefill_prompt = cut_prompt(text, encode, rng, args.prefill_tokens)
     gaps = np.random.default_rng(args.seed + 1).exponential(1.0, size=args.requests)
     unit_arrivals = np.concatenate([[0.0], np.cumsum(gaps[:-1])])  # rate 1; scaled by 1/rate later
     return {
         "requests": requests,
         "decode_prompt": decode_prompt,
         "warm_prompt": warm_prompt,
+        "prefill_prompt": prefill_prompt,
         "unit_arrivals": unit_arrivals,
     }
 
@@ -157,9 +179,24 @@ def make_workload(args: argparse.Namespace, encode: Callable[[str], list[int]], 
 # --------------------------------------------------------------------------------------
 
 
+def prefill_round(systems: dict[str, System], wl: dict[str, Any], rnd: int) -> dict[str, dict[str, Any]]:
+    """Time to the first token of the --prefill-tokens prompt (one new token)."""
+    names = common.rotated([n for n in systems if n not in ("hf_batch", "ours_naive", "ours_static")], rnd)
+    res = {}
+    for name in names:
+        systems[name].reset()
+        la = common.loadavg()
+        start, first, _, _ = systems[name].generate1(wl["prefill_prompt"], 1)
+        n = len(wl["prefill_prompt"])
+        res[name] = {"round": rnd, "prompt_tokens": n, "prefill_s": round(first - start, 4),
+                     "prefill_tok_s": round(n / (first - start), 1), "loadavg_1m": la}
+        print(f"  round {rnd} {name:12s} {res[name]['prefill_tok_s']} tok/s prefill (load {la})", flush=True)
+    return res
+
+
 def decode_round(systems: dict[str, System], wl: dict[str, Any], args: argparse.Namespace, rnd: int) -> dict[str, dict[str, Any]]:
-    # hf_batch8's batch-1 generate() is hf's; kv_cache=False (slow) runs in the first round only
-    names = [n for n in systems if n != "hf_batch8" and (n != "ours_naive" or rnd == 0)]
+    # hf_batch's batch-1 generate() is hf's; kv_cache=False (slow) runs in the first round only
+    names = [n for n in systems if n != "hf_batch" and (n != "ours_naive" or rnd == 0)]
     names = common.rotated(names, rnd)
     res = {}
     for name in names:
@@ -210,17 +247,26 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from mlsyskit.engine import default_model_path, load_checkpoint
+    from mlsyskit.quant import kernels
 
+    kernel_info = {"variant": kernels.variant() or f"none ({kernels.status()})", "features": sorted(kernels.cpu_features())}
     gguf = Path(args.model) if args.model else default_model_path()
     print(f"[engine_throughput] model {gguf}; threads {args.threads}; load average {load_start[0]:.2f}", flush=True)
-    ckpt = load_checkpoint(gguf)
+    ckpt = load_checkpoint(gguf)  # fp32: the reference
+    native = load_checkpoint(gguf, native=True)
     tok = ckpt.tokenizer
     text, text_source = load_text(args.data_dir)
     wl = make_workload(args, tok.encode, text)
     reqs: list[Request] = wl["requests"]
 
+    # ---- phase 0: load time, fresh from the GGUF path ---------------------------------------
+    print(f"[engine_throughput] load times ({args.load_reps} fresh loads each)", flush=True)
+    loads = load_times(gguf, names, args.load_reps, args.threads)
+    for n, v in loads.items():
+        print(f"  {n:12s} {v['load_s_median']} s", flush=True)
+
     print("[engine_throughput] loading systems", flush=True)
-    systems, sys_info = build_systems(names, args, ckpt, gguf)
+    systems, sys_info = build_systems(names, args, {"native": native, "fp32": ckpt}, gguf)
 
     # Every system gets token ids, but the prompts came from our tokenizer: do the others agree?
     tok_check = tokenizer_agreement(systems, tok, reqs)
@@ -229,16 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     for n, s in systems.items():
         if isinstance(s, Ours):
             s.warm_prompt = wl["warm_prompt"]
-        if n != "hf_batch8":
+        if n != "hf_batch":
             s.generate1(wl["warm_prompt"], 8)
+
+    # ---- phase 1a: prefill, systems taking turns --------------------------------------------
+    print(f"[engine_throughput] prefill: a {args.prefill_tokens}-token prompt, {args.prefill_reps} rounds", flush=True)
+    prefill_rounds = [prefill_round(systems, wl, r) for r in range(args.prefill_reps)]
 
     # ---- phase 1: batch-1 decode, systems taking turns --------------------------------------
     print(f"[engine_throughput] batch-1 decode: {args.decode_prompt_tokens}-token prompt, "
           f"{args.decode_tokens} new tokens, {args.decode_reps} rounds", flush=True)
     rounds = [decode_round(systems, wl, args, r) for r in range(args.decode_reps)]
     results: dict[str, dict[str, Any]] = {n: dict(sys_info[n], label=LABELS[n]) for n in names}
+    for n, v in loads.items():
+        results.setdefault(n, {})["load"] = v
     for n in systems:
-        if n == "hf_batch8":
+        vals = [r[n]["prefill_tok_s"] for r in prefill_rounds if n in r]
+        if vals:
+            results[n]["prefill"] = {"prompt_tokens": args.prefill_tokens, "prefill_tok_s_median": round(float(np.median(vals)), 1),
+                                     "rounds": [r[n] for r in prefill_rounds if n in r]}
+        if n == "hf_batch":
             results[n]["decode_tok_s_batch1"] = None  # batch 1 is plain hf
             continue
         vals = [r[n]["decode_tok_s"] for r in rounds if n in r and r[n]["decode_tok_s"]]
@@ -253,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- phase 2: all requests arriving together ------------------------------------------
     print(f"[engine_throughput] {len(reqs)} requests arriving together", flush=True)
     zero = np.zeros(len(reqs))
-    together_order = [n for n in ("ours", "ours_static", "llamacpp", "hf", "hf_batch8") if n in systems]
+    together_order = [n for n in ("ours", "ours_static", "ours_fp32", "llamacpp", "hf", "hf_batch") if n in systems]
     for n in together_order:
         results[n]["together"] = run_serve(systems[n], reqs, zero, "together")
         time.sleep(args.settle)
@@ -291,6 +347,26 @@ def main(argv: list[str] | None = None) -> int:
             results[n]["poisson"] = run_serve(systems[n], reqs, arrivals, "poisson")
         time.sleep(args.settle)
 
+    # ---- phase 5: perplexity on held-out text ---------------------------------------------
+    ppl_ids = held_out_ids(text, tok.encode, args.ppl_tokens)
+    print(f"[engine_throughput] perplexity: {len(ppl_ids)} held-out tokens in windows of {args.ppl_window}", flush=True)
+    perplexity: dict[str, Any] = {"tokens": len(ppl_ids), "window": args.ppl_window,
+                                  "text": "the first tokens of the last 10 % of the text (prompts come from the rest)"}
+    for n in ("ours", "ours_fp32", "llamacpp"):
+        if n in systems:
+            (nll, count), secs = common.timed(systems[n].nll, ppl_ids, args.ppl_window)  # type: ignore[attr-defined]
+            perplexity[n] = {"perplexity": round(float(np.exp(nll / count)), 4), "scored_tokens": count, "s": round(secs, 1)}
+            print(f"  {n:12s} perplexity {perplexity[n]['perplexity']}", flush=True)
+
+    # ---- phase 6: where ours' batch-1 decode time goes ----------------------------------------
+    profile: dict[str, Any] = {}
+    if "ours" in systems:
+        print("[engine_throughput] profile of ours' batch-1 decode", flush=True)
+        systems["ours"].reset()
+        profile = {"memory_bandwidth": memory_bandwidth(args.threads),
+                   "decode": profile_decode(systems["ours"].llm, wl["decode_prompt"], args.profile_tokens, args.threads)}  # type: ignore[attr-defined]
+        torch.set_num_threads(args.threads)
+
     # ---- correctness ----------------------------------------------------------------------
     correctness = {"tokenizers": tok_check, **greedy_checks(results, rounds, systems, tok.decode)}
     for n in results:
@@ -298,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             results[n].get(phase, {}).pop("tokens", None)
 
     # ---- goals ----------------------------------------------------------------------------
-    goals = compute_goals(results, rounds)
+    goals = compute_goals(results, rounds, prefill_rounds, perplexity)
     load_end = common.loadavgs()
     report: dict[str, Any] = {
         "benchmark": "engine_throughput",
@@ -320,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "model": {"path": str(gguf), "file_type": ckpt.file_type, "arch": ckpt.config.arch,
                   "n_layers": ckpt.config.n_layers, "dim": ckpt.config.dim, "vocab_size": ckpt.config.vocab_size,
-                  "precision": "ours and transformers: the Q4_1 GGUF dequantized to fp32; llama.cpp: Q4_1 as stored"},
+                  "precision": "ours (native) and llama.cpp: the Q4_1/Q8_0 blocks as stored, activations rounded "
+                  "to int8 per block of 32 for the products (ours: bf16 dense GEMMs from 16 rows on where the CPU "
+                  "has AMX / AVX-512 BF16); ours_fp32 and transformers: the GGUF dequantized to fp32"},
+        "kernels": {"variant": kernel_info["variant"], "cpu_features": kernel_info["features"]},
         "settings": {k: v for k, v in vars(args).items()},
         "workload": {
             "text_source": text_source,
@@ -348,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                               "measure": "(new tokens - 1) / (time of last token - time of first token)"},
         },
         "systems": results,
+        "perplexity": perplexity,
+        "profile": profile,
         "correctness": correctness,
         "goals": goals,
     }
@@ -381,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-max-tokens", type=int, default=16, help="new tokens cap of the kv_cache=False reduced workload (default: 16)")
     p.add_argument("--naive-decode-tokens", type=int, default=32,
                    help="new tokens of kv_cache=False's batch-1 decode run, first round only (default: 32)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens of the prefill measurement (default: 512)")
+    p.add_argument("--prefill-reps", type=int, default=3, help="rounds of the prefill measurement (default: 3)")
+    p.add_argument("--load-reps", type=int, default=3, help="fresh loads per system for the load time (default: 3)")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored for perplexity (default: 4096)")
+    p.add_argument("--ppl-window", type=int, default=512, help="perplexity window (default: 512)")
+    p.add_argument("--profile-tokens", type=int, default=128, help="decode tokens of ours' profile (default: 128)")
     p.add_argument("--rate", type=float, default=None,
                    help="Poisson arrival rate in requests/s (default: --rate-factor x what the fastest one-by-one baseline sustained)")
     p.add_argument("--rate-factor", type=float, default=1.5,
@@ -403,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="ours: max running sequences (default: 64)")
     p.add_argument("--static-max-seqs", type=int, default=64,
                    help="ours_static: batch size of static batching (default: 64, the same as ours)")
-    p.add_argument("--hf-batch", type=int, default=8, help="hf_batch8: max requests per left-padded generate() batch (default: 8)")
+    p.add_argument("--hf-batch", type=int, default=64, help="hf_batch: max requests per left-padded generate() batch (default: 64)")
     p.add_argument("--llama-n-ctx", type=int, default=2048, help="llama.cpp context size (default: 2048)")
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--data-dir", default=common.env_data_dir(),

@@ -22,9 +22,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled ke
 VARIANTS = kernels.runnable_variants()
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "U4", "I8"]
 # (weight rows, inputs K, activation rows M): one block, an odd number of blocks (a last block
-# outside the pairs), SmolLM2's width, rows not a multiple of anything, 1 and 64 rows, and
-# more activation rows than a tile (4) with a remainder
-SHAPES = [(1, 32, 1), (37, 96, 3), (64, 576, 5), (7, 160, 17), (64, 64, 64)]
+# outside the pairs), SmolLM2's width, rows not a multiple of anything, 1 and 64 rows; up to 7
+# activation rows take one-row-at-a-time tiles (of 4, with a remainder), from 8 on rows sit in
+# SIMD lanes (tiles of 8 or 16 rows, 4 tiles at a time: 70 rows need a second group)
+SHAPES = [(1, 32, 1), (37, 96, 3), (64, 576, 5), (5, 96, 8), (7, 160, 17), (64, 64, 64), (3, 64, 70)]
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -113,13 +114,15 @@ def test_dequantize_and_gather_rows(variant: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decode_attention_over_paged_blocks_equals_sdpa(variant: str) -> None:
-    """Sequences of 1, 17 and 40 tokens in blocks of 16 scattered over the pool, GQA 4:2."""
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float16])
+def test_decode_attention_over_paged_blocks_equals_sdpa(variant: str, pool_dtype: torch.dtype) -> None:
+    """Sequences of 1, 17 and 40 tokens in blocks of 16 scattered over the pool, GQA 4:2; the
+    pool in float32 or float16 (new keys and values rounded to nearest even)."""
     lib = kernels.library(variant)[0]
     g = torch.Generator().manual_seed(0)
     H, Hkv, D, bs, nblocks = 4, 2, 64, 16, 12
-    k_pool = torch.randn(nblocks, bs, Hkv, D, generator=g)
-    v_pool = torch.randn(nblocks, bs, Hkv, D, generator=g)
+    k_pool = torch.randn(nblocks, bs, Hkv, D, generator=g).to(pool_dtype)
+    v_pool = torch.randn(nblocks, bs, Hkv, D, generator=g).to(pool_dtype)
     lens = [1, 17, 40]
     order = torch.randperm(nblocks, generator=g).tolist()
     tables, used = [], 0
@@ -134,8 +137,9 @@ def test_decode_attention_over_paged_blocks_equals_sdpa(variant: str) -> None:
     slots = torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens, strict=True)])
     out = kernels.attn_decode(q, k, v, slots, k_pool, v_pool, torch.tensor(tables, dtype=torch.int32),
                               torch.tensor(lens, dtype=torch.int32), D**-0.5, lib=lib)
-    flat_k, flat_v = k_pool.view(-1, Hkv, D), v_pool.view(-1, Hkv, D)
-    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)  # written in place
+    flat_k, flat_v = k_pool.view(-1, Hkv, D).float(), v_pool.view(-1, Hkv, D).float()
+    # written in place (rounded like torch's float -> half)
+    assert torch.equal(flat_k[slots], k.to(pool_dtype).float()) and torch.equal(flat_v[slots], v.to(pool_dtype).float())
     for i, (t, n) in enumerate(zip(tables, lens, strict=True)):
         rows = torch.tensor([t[p // bs] * bs + p % bs for p in range(n)])
         kc, vc = flat_k[rows].transpose(0, 1), flat_v[rows].transpose(0, 1)  # (Hkv, n, D)

@@ -198,8 +198,8 @@ def test_quantize_transformer(tied: bool, spec: str) -> None:
         # 5 tokens: the integer kernels (activations rounded to int8 per block, ~0.5 %)
         out, want = model(torch.arange(5).unsqueeze(0)), ref(torch.arange(5).unsqueeze(0))
         torch.testing.assert_close(out, want, rtol=0, atol=0.02 * float(want.abs().max()))
-        # 30 tokens (prefill): dequantized weights, float32 matmuls
-        ids = torch.arange(30).reshape(1, 30) % 96
+        # DENSE_ROWS tokens and more (prefill): dequantized weights, float32 matmuls
+        ids = torch.arange(DENSE_ROWS + 8).reshape(1, -1) % 96
         torch.testing.assert_close(model(ids), ref(ids), rtol=1e-4, atol=1e-4)
 
 

@@ -5,7 +5,7 @@ The pool is preallocated once: per layer, keys and values of shape
 slots the block manager gave them, then attend:
 
 - decode rows (one new token per sequence) are batched. With the compiled kernels
-  (:func:`mlsyskit.quant.kernels.attn_decode`, float32 pools) one call writes their k/v and
+  (:func:`mlsyskit.quant.kernels.attn_decode`, float32 or float16 pools) one call writes their k/v and
   attends by walking each sequence's block table in place. Without them, each sequence's blocks
   are gathered into a padded ``(B, max_blocks * block_size)`` context for one masked SDPA call;
 - prefill chunks run one SDPA per sequence, causal within the chunk and over the cached prefix.
@@ -53,8 +53,8 @@ class PagedKVCache:
         self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> None:
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        # decode attention in place (compiled kernel) on float32 pools
-        self.in_place_decode = dtype == torch.float32 and kernels.available()
+        # decode attention in place (compiled kernel) on float32 or float16 pools
+        self.in_place_decode = dtype in (torch.float32, torch.float16) and kernels.available()
         # The kernel reads only slots written before; SDPA's masked padding would turn garbage
         # (NaN x 0) into NaN, so that path gets zeros (touching every page: ~0.1 s per GiB).
         alloc = torch.empty if self.in_place_decode else torch.zeros

@@ -3,7 +3,7 @@
 A decode step of a small model at batch 1 is short enough that PyTorch's per-op cost (~35 ops
 per layer: norms, RoPE, the KV write, SwiGLU, residual adds) rivals the matrix products. For the
 Llama family with quantized weights (a GGUF file run natively, or ``mlsyskit quantize``
-layers) a step whose rows are all decodes, fewer than ``DENSE_ROWS`` of them, runs each layer
+layers) a step whose rows are all decodes, fewer than ``DENSE_ROWS`` (32) of them, runs each layer
 as one call instead; prefill chunks, mixed steps and large batches keep the module path (whose
 dense GEMMs win there). Both paths compute the same math with the same quantized products.
 """
@@ -108,12 +108,14 @@ class FusedDecoder:
                 return False
         return True
 
-    def __init__(self, model: Transformer, kv: PagedKVCache) -> None:
+    def __init__(self, model: Transformer, kv: PagedKVCache, max_rows: int = MAX_ROWS) -> None:
         cfg = model.cfg
         self.model = model
+        self.max_rows = max_rows
         self.dims = kernels.DecodeDims(
             cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, kv.block_size,
-            model.layers[0].attn_norm.eps, model.rope_cos.data_ptr(), model.rope_sin_signed.data_ptr(),
+            int(kv.k.dtype == torch.float16), model.layers[0].attn_norm.eps,
+            model.rope_cos.data_ptr(), model.rope_sin_signed.data_ptr(),
         )
         self.layers = []
         for i, layer in enumerate(model.layers):
@@ -127,7 +129,7 @@ class FusedDecoder:
             ))
         per_row = 2 * cfg.dim + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         per_row += cfg.n_heads * cfg.head_dim + 3 * cfg.hidden_dim
-        self.scratch = torch.empty(MAX_ROWS * per_row, dtype=torch.float32)
+        self.scratch = torch.empty(max_rows * per_row, dtype=torch.float32)
         self.tuner = ThreadTuner()
         self.stats = None  # profiling: a ctypes array the layers add their phase times to
 
@@ -141,6 +143,8 @@ class FusedDecoder:
     def forward(self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor) -> Tensor:
         """Hidden states (B, dim) after the last layer for B decode tokens: ``ids`` (B,) token ids,
         ``pos`` (B,) int32 positions, ``slots``/``tables``/``lens`` as for the paged attention."""
+        if not 0 < len(ids) <= self.max_rows:  # the scratch holds max_rows rows
+            raise ValueError(f"a fused decode step takes 1 to {self.max_rows} rows, not {len(ids)}")
         x = self.model.embed(ids).float().contiguous()
         for layer in self.layers:
             kernels.decode_layer(layer, self.dims, x, pos, slots, tables, lens, self.scratch, stats=self.stats)

@@ -33,8 +33,9 @@ class LLM:
     to bfloat16. ``kv_cache=False`` and ``batching="static"`` are the naive baselines;
     ``paged=False`` gives each sequence one contiguous region of ``max_model_len`` tokens.
     ``quantization="int8"`` / ``"int4"`` / ``"int4-g64"`` quantizes the float weights (round to
-    nearest) with :func:`mlsyskit.quant.quantize_`. The other arguments are those of
-    :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
+    nearest) with :func:`mlsyskit.quant.quantize_`. ``kv_dtype``: the KV cache's dtype (default:
+    float16 for quantized weights, as llama.cpp does; else ``dtype``). The other arguments are
+    those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
     """
 
     def __init__(
@@ -46,13 +47,14 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int = 512,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 16384,
         max_num_seqs: int = 64,
         prefix_caching: bool = True,
         paged: bool = True,
         max_model_len: int | None = None,
         dtype: torch.dtype | str | None = None,
         quantization: str | None = None,
+        kv_dtype: torch.dtype | str | None = None,
     ) -> None:
         native = dtype in (None, "auto") and quantization is None
         dtype = _dtype(dtype)
@@ -77,6 +79,7 @@ class LLM:
             max_model_len=max_model_len,
             dtype=dtype,
             quantization=quantization,
+            kv_dtype=None if kv_dtype is None else _dtype(kv_dtype),
         )
         self.tokenizer = ckpt.tokenizer
 

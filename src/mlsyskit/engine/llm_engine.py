@@ -50,13 +50,14 @@ class LLMEngine:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int = 512,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 16384,
         max_num_seqs: int = 64,
         prefix_caching: bool = True,
         paged: bool = True,
         max_model_len: int | None = None,
         dtype: torch.dtype = torch.float32,
         quantization: str | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         if batching not in BATCHING:
             raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
@@ -84,17 +85,21 @@ class LLMEngine:
         # quantized layers: dense prefill GEMMs in bf16 where the CPU has it (AMX / AVX-512 BF16)
         set_prefill_dtype(self.model, torch.bfloat16 if kernels.native_bf16() else torch.float32)
         keep_freed_memory()  # dense prefill weights, logits: reuse freed memory, no page faults
+        if kv_dtype is None:  # quantized models keep their KV in fp16, as llama.cpp does
+            quantized = any(getattr(m, "_qw", None) is not None for m in self.model.modules())
+            kv_dtype = torch.float16 if quantized and dtype == torch.float32 else dtype
+        self.kv_dtype = kv_dtype
         self.kv_cache = None
         self.block_manager = None
         if kv_cache:
-            per_block = PagedKVCache.bytes_per_block(cfg.n_layers, block_size, cfg.n_kv_heads, cfg.head_dim, dtype)
+            per_block = PagedKVCache.bytes_per_block(cfg.n_layers, block_size, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
             if num_kv_blocks is None:
                 full = -(-self.max_model_len // block_size)
                 want = max_num_seqs * full
                 num_kv_blocks = max(full, min(want, DEFAULT_KV_BYTES // per_block))
             if num_kv_blocks < 1:
                 raise UserError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
-            self.kv_cache = PagedKVCache(cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, dtype)
+            self.kv_cache = PagedKVCache(cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
             self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, batching=batching, max_num_seqs=max_num_seqs,

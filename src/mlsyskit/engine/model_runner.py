@@ -2,7 +2,7 @@
 
 A step's rows are laid end to end, decodes first. They run through the model's modules and the
 paged cache (:meth:`Transformer.forward_tokens`), except that with a :class:`FusedDecoder`
-(a quantized Llama-family model) up to ``MAX_ROWS`` decode rows take one C call per layer.
+(a quantized Llama-family model) up to ``fused.max_rows`` decode rows take one C call per layer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mlsyskit.engine.attention import PagedKVCache, PrefillChunk, StepMeta
-from mlsyskit.engine.fused_decode import MAX_ROWS, FusedDecoder
+from mlsyskit.engine.fused_decode import FusedDecoder
 from mlsyskit.engine.sampling import sample
 from mlsyskit.engine.sequence import Sequence
 from mlsyskit.models.transformer import Transformer
@@ -89,12 +89,12 @@ class ModelRunner:
             decode_mask = torch.zeros(valid.shape, dtype=self.kv.k.dtype).masked_fill_(~valid, float("-inf")).view(nd, 1, 1, -1)
         ids_t, pos_t, slots_t = torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long)
         rows = [r for r in last_rows if r is not None]
-        if self.fused is not None and 0 < nd <= MAX_ROWS and not prefills:
+        if self.fused is not None and 0 < nd <= self.fused.max_rows and not prefills:
             with self.fused.timed():  # a pure decode step: timed for the thread-count tuner
                 hidden = self.fused.forward(ids_t, pos_t.int(), slots_t, tables, lens)
                 logits = self.model.logits(hidden[rows])
         else:
-            if self.fused is not None and 0 < nd <= MAX_ROWS:
+            if self.fused is not None and 0 < nd <= self.fused.max_rows:
                 # Decode rows always take the fused path, whatever else is in the step, so a
                 # token's result never depends on its neighbours (quantized activations turn
                 # float32 rounding differences into rounding flips); prefills take the modules.

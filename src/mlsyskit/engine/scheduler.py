@@ -32,7 +32,7 @@ class Scheduler:
         batching: str = "continuous",
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 16384,
     ) -> None:
         self.bm = block_manager  # None: no KV cache (recompute mode), nothing to allocate
         self.batching = batching

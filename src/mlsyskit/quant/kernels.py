@@ -100,7 +100,7 @@ class DecodeDims(ctypes.Structure):
 
     _fields_ = [
         ("dim", ctypes.c_int32), ("hidden", ctypes.c_int32), ("H", ctypes.c_int32), ("Hkv", ctypes.c_int32),
-        ("D", ctypes.c_int32), ("block_size", ctypes.c_int32), ("eps", ctypes.c_float),
+        ("D", ctypes.c_int32), ("block_size", ctypes.c_int32), ("kv_fp16", ctypes.c_int32), ("eps", ctypes.c_float),
         ("cos", ctypes.c_void_p), ("sin_signed", ctypes.c_void_p),
     ]
 
@@ -167,7 +167,7 @@ def _load(variant: str) -> tuple[Library | None, str]:
     dll.mlsk_dequantize.restype = None
     dll.mlsk_gather_rows.argtypes = [p, p, i, i, p]
     dll.mlsk_gather_rows.restype = None
-    dll.mlsk_attn_decode.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, i, p, p, i, i, i, i, i, f, i]
+    dll.mlsk_attn_decode.argtypes = [p, i64, p, i64, p, i64, p, p, p, i, p, i, p, p, i, i, i, i, i, f, i]
     dll.mlsk_attn_decode.restype = ctypes.c_int
     dll.mlsk_decode_layer.argtypes = [p, p, p, i, p, p, p, i, p, p, i, p]
     dll.mlsk_decode_layer.restype = ctypes.c_int
@@ -420,7 +420,7 @@ def attn_decode(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, 
 
     ``q`` (B, H, D), ``k``/``v`` (B, Hkv, D): the new token of each sequence (each may be a view
     with a row stride; the last two dimensions contiguous); ``slots`` (B,) int64 where the new
-    k/v go (written first); pools (num_blocks, block_size, Hkv, D) float32, contiguous;
+    k/v go (written first); pools (num_blocks, block_size, Hkv, D) float32 or float16, contiguous;
     ``tables`` (B, max_blocks) int32, ``lens`` (B,) int32 context lengths incl. the new token.
     Returns (B, H, D) float32.
     """
@@ -429,10 +429,13 @@ def attn_decode(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, 
     for t in (q, k, v):
         if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != D:
             raise ValueError("q, k, v must be float32 with contiguous heads")
+    if k_pool.dtype not in (torch.float32, torch.float16) or v_pool.dtype != k_pool.dtype:
+        raise ValueError("the KV pools must both be float32 or both float16")
     out = torch.empty(B, H, D, dtype=torch.float32)
     rc = _lib(lib).dll.mlsk_attn_decode(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-        slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), tables.shape[1],
+        slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), int(k_pool.dtype == torch.float16),
+        tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), out.data_ptr(), B, H, Hkv, D, k_pool.shape[1], scale, _threads(threads),
     )
     if rc:

@@ -22,7 +22,7 @@ typedef struct qpart qpart_t; /* qmatmul.c */
 int mlsk_qmatmul(const float *x, int64_t ldx, int M, int K, const qpart_t *parts, int nparts,
                  float *y, int64_t ldy, int threads);
 int mlsk_attn_decode(const float *q, int64_t ldq, const float *k_new, int64_t ldk, const float *v_new,
-                     int64_t ldv, const int64_t *slots, float *k_pool, float *v_pool,
+                     int64_t ldv, const int64_t *slots, void *k_pool, void *v_pool, int kv_fp16,
                      const int32_t *tables, int max_blocks, const int32_t *lens, float *out, int B,
                      int H, int Hkv, int D, int block_size, float scale, int threads);
 
@@ -31,11 +31,11 @@ typedef struct {
     int32_t n_qkv, n_o, n_gate_up, n_down;
     const float *qkv_bias;                   /* NULL or ((H + 2 Hkv) D,) */
     const float *attn_norm, *ffn_norm;       /* (dim,) */
-    float *k_pool, *v_pool;                  /* (num_blocks, block_size, Hkv, D) */
+    void *k_pool, *v_pool;                   /* (num_blocks, block_size, Hkv, D) */
 } layer_t;
 
 typedef struct {
-    int32_t dim, hidden, H, Hkv, D, block_size;
+    int32_t dim, hidden, H, Hkv, D, block_size, kv_fp16;
     float eps;
     const float *cos, *sin_signed; /* (max_pos, D): RoPE tables, sin with its first half negated */
 } dims_t;
@@ -94,7 +94,7 @@ int mlsk_decode_layer(const layer_t *L, const dims_t *m, float *x, int B, const 
         for (int j = 0; j < H + Hkv; j++) rope(row + j * D, c, s, D); /* q heads, then k heads */
     }
     if (mlsk_attn_decode(qkv, nqkv, qkv + H * D, nqkv, qkv + (H + Hkv) * D, nqkv, slots, L->k_pool,
-                         L->v_pool, tables, max_blocks, lens, att, B, H, Hkv, D, m->block_size,
+                         L->v_pool, m->kv_fp16, tables, max_blocks, lens, att, B, H, Hkv, D, m->block_size,
                          1.f / sqrtf((float)D), threads))
         return -1;
     LAP(1)

@@ -411,6 +411,150 @@ static void dot_rows(const qpart_t *p, int r, int K, const int8_t *q_lin, const 
     }
 }
 
+/* -- many activation rows: one row per SIMD lane ------------------------------------------ *
+ * From GEMM_ROWS rows on (batched decode, prefill chunks) the roles turn around: a register
+ * holds LANES activation rows side by side, 4 bytes of each (the activations are re-laid out
+ * once per call: tile of LANES rows, block, group of 4 elements). For one weight block, 8
+ * broadcasts of 4 weights and 8 dot instructions then serve LANES rows, and each lane applies
+ * its own row's scale. Per weight block and 16 rows that is ~12 instructions, against ~28 for
+ * the one-row-at-a-time tiles above. Signed weights: on AVX-512 the activations go in as
+ * unsigned x + 128 and 128 * sum(w) is taken off; on AVX2 the weights' signs move onto x. */
+#if defined(__AVX2__)
+#define GEMM_ROWS 8
+#define GEMM_TILES 4 /* tiles of LANES rows whose accumulators stay in registers */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LANES 16
+typedef __m512i ivec;
+typedef __m512 fvec;
+static inline ivec iv_zero(void) { return _mm512_setzero_si512(); }
+static inline ivec iv_bcast(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+static inline ivec iv_load(const int8_t *p) { return _mm512_loadu_si512((const void *)p); }
+/* isum += 4-element dots of weights w (broadcast) with the lanes' activations x */
+static inline ivec lane_dot(ivec isum, ivec w, ivec wabs, ivec x, int nibbles) {
+    (void)wabs;
+    if (nibbles) return _mm512_dpbusd_epi32(isum, w, x);
+    return _mm512_dpbusd_epi32(isum, _mm512_xor_si512(x, _mm512_set1_epi8((char)0x80)), w);
+}
+static inline ivec iv_sub_const(ivec a, int32_t c) { return _mm512_sub_epi32(a, _mm512_set1_epi32(c)); }
+static inline fvec fv_zero(void) { return _mm512_setzero_ps(); }
+static inline fvec fv_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline fvec fv_fma_scaled(fvec acc, ivec isum, float d, const float *xd) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_set1_ps(d), fv_load(xd)), acc);
+}
+static inline fvec fv_fma(fvec acc, float m, const float *xs) { return _mm512_fmadd_ps(_mm512_set1_ps(m), fv_load(xs), acc); }
+static inline void fv_store(float *p, fvec a, fvec b) { _mm512_storeu_ps(p, _mm512_add_ps(a, b)); }
+#else
+#define LANES 8
+typedef __m256i ivec;
+typedef __m256 fvec;
+static inline ivec iv_zero(void) { return _mm256_setzero_si256(); }
+static inline ivec iv_bcast(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+static inline ivec iv_load(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ivec lane_dot(ivec isum, ivec w, ivec wabs, ivec x, int nibbles) {
+    if (nibbles) return dot_u8s8(isum, w, x);
+    return dot_u8s8(isum, wabs, _mm256_sign_epi8(x, w));
+}
+static inline ivec iv_sub_const(ivec a, int32_t c) { return _mm256_sub_epi32(a, _mm256_set1_epi32(c)); }
+static inline fvec fv_zero(void) { return _mm256_setzero_ps(); }
+static inline fvec fv_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline fvec fv_fma_scaled(fvec acc, ivec isum, float d, const float *xd) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_set1_ps(d), fv_load(xd)), acc);
+}
+static inline fvec fv_fma(fvec acc, float m, const float *xs) { return _mm256_fmadd_ps(_mm256_set1_ps(m), fv_load(xs), acc); }
+static inline void fv_store(float *p, fvec a, fvec b) { _mm256_storeu_ps(p, _mm256_add_ps(a, b)); }
+#endif
+
+/* q (M, K) int8 in natural order and xds -> xi: per tile of LANES rows, block, group of 4
+ * elements, LANES x 4 bytes; xd / xs: per tile and block, LANES scales / sums (0 past M). */
+static void interleave_rows(const int8_t *q, const float *xds, int M, int K, int8_t *xi, float *xd, float *xs) {
+    const int nb = K / QK, T = (M + LANES - 1) / LANES;
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < nb; b++) {
+            int8_t *dst = xi + ((int64_t)t * nb + b) * 8 * LANES * 4;
+            for (int i = 0; i < LANES; i++) {
+                const int m = t * LANES + i;
+                for (int g = 0; g < 8; g++)
+                    if (m < M) memcpy(dst + (g * LANES + i) * 4, q + (int64_t)m * K + b * QK + 4 * g, 4);
+                    else memset(dst + (g * LANES + i) * 4, 0, 4);
+                xd[((int64_t)t * nb + b) * LANES + i] = m < M ? xds[((int64_t)m * nb + b) * 2] : 0.f;
+                xs[((int64_t)t * nb + b) * LANES + i] = m < M ? xds[((int64_t)m * nb + b) * 2 + 1] : 0.f;
+            }
+        }
+}
+
+/* weight row r against all M activation rows (interleaved), results into column col of y */
+static inline __attribute__((always_inline)) void gemm_row(const qpart_t *p, int fmt, int r, int K,
+                                                          const int8_t *xi, const float *xd,
+                                                          const float *xs, int M, float *y,
+                                                          int64_t ldy, int64_t col) {
+    const int nb = K / QK, G = (fmt == FMT_U4 || fmt == FMT_I8) ? nb / p->group_blocks : 0;
+    const int nib = is_nibbles(fmt), T = (M + LANES - 1) / LANES;
+    const uint8_t *row = p->data + (int64_t)r * p->row_bytes;
+    for (int t0 = 0; t0 < T; t0 += GEMM_TILES) {
+        const int nt = T - t0 < GEMM_TILES ? T - t0 : GEMM_TILES;
+        fvec acc[GEMM_TILES], accm[GEMM_TILES];
+        for (int k = 0; k < GEMM_TILES; k++) acc[k] = accm[k] = fv_zero();
+        for (int b = 0; b < nb; b++) {
+            float d, m;
+            dm_of(p, fmt, row, r, b, G, &d, &m);
+            const uint8_t *qs = codes_of(fmt, row, b);
+            int8_t w[QK]; /* the block's 32 weights in order */
+            int32_t wsum = 0;
+            if (nib) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(0x0F);
+                _mm_storeu_si128((__m128i *)w, _mm_and_si128(v, low));
+                _mm_storeu_si128((__m128i *)(w + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+            } else {
+                memcpy(w, qs, QK);
+#if LANES == 16
+                const __m256i s16 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)w)),
+                                                      _mm256_set1_epi16(1));
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+                wsum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+#endif
+            }
+            ivec wb[8], wabs[8];
+            for (int g = 0; g < 8; g++) {
+                wb[g] = iv_bcast(w + 4 * g);
+#if LANES == 8
+                wabs[g] = _mm256_abs_epi8(wb[g]);
+#else
+                wabs[g] = wb[g];
+#endif
+            }
+            for (int k = 0; k < nt; k++) {
+                const int64_t tb = (int64_t)(t0 + k) * nb + b;
+                const int8_t *x = xi + tb * 8 * LANES * 4;
+                ivec isum = iv_zero();
+                for (int g = 0; g < 8; g++) isum = lane_dot(isum, wb[g], wabs[g], iv_load(x + g * LANES * 4), nib);
+#if LANES == 16
+                if (!nib) isum = iv_sub_const(isum, 128 * wsum); /* x went in as x + 128 */
+#endif
+                acc[k] = fv_fma_scaled(acc[k], isum, d, xd + tb * LANES);
+                if (fmt != FMT_Q8_0) accm[k] = fv_fma(accm[k], m, xs + tb * LANES);
+            }
+        }
+        for (int k = 0; k < nt; k++) {
+            float out[LANES];
+            fv_store(out, acc[k], accm[k]);
+            for (int i = 0; i < LANES && (t0 + k) * LANES + i < M; i++) y[(int64_t)((t0 + k) * LANES + i) * ldy + col] = out[i];
+        }
+    }
+}
+
+static void gemm_rows(const qpart_t *p, int r, int K, const int8_t *xi, const float *xd, const float *xs, int M,
+                      float *y, int64_t ldy, int64_t col) {
+    switch (p->format) {
+    case FMT_Q4_0: gemm_row(p, FMT_Q4_0, r, K, xi, xd, xs, M, y, ldy, col); break;
+    case FMT_Q4_1: gemm_row(p, FMT_Q4_1, r, K, xi, xd, xs, M, y, ldy, col); break;
+    case FMT_Q8_0: gemm_row(p, FMT_Q8_0, r, K, xi, xd, xs, M, y, ldy, col); break;
+    case FMT_U4: gemm_row(p, FMT_U4, r, K, xi, xd, xs, M, y, ldy, col); break;
+    default: gemm_row(p, FMT_I8, r, K, xi, xd, xs, M, y, ldy, col); break;
+    }
+}
+#endif
+
 /* -- entry points -------------------------------------------------------------------------- */
 
 /* Scratch for the quantized activations, kept between calls (grows, never shrinks). The
@@ -440,15 +584,35 @@ int mlsk_qmatmul(const float *x, int64_t ldx, int M, int K, const qpart_t *parts
         else need_lin = 1;
     }
     starts[nparts] = total;
+    /* ~8 chunks per thread: small enough to balance, large enough to amortise the hand-out */
+    const int chunk = total / (8 * threads) > 4 ? total / (8 * threads) : 4;
     const size_t qbytes = ((size_t)M * K + 63) & ~(size_t)63;
+#if defined(__AVX2__)
+    if (M >= GEMM_ROWS) { /* activation rows in lanes (see gemm_row) */
+        const size_t T = (M + LANES - 1) / LANES, ibytes = T * LANES * (size_t)K;
+        int8_t *buf = scratch_for(qbytes + ibytes + sizeof(float) * (2 * (size_t)M * nb + 2 * T * LANES * nb));
+        if (!buf) return -1;
+        int8_t *q = buf, *xi = buf + qbytes;
+        float *xds = (float *)(xi + ibytes), *xd = xds + 2 * (size_t)M * nb, *xs = xd + T * LANES * nb;
+        quantize_rows(x, ldx, M, K, q, NULL, xds, threads);
+        interleave_rows(q, xds, M, K, xi, xd, xs);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
+        for (int n = 0; n < total; n++) {
+            int pi = 0;
+            while (n >= starts[pi + 1]) pi++;
+            const qpart_t *p = &parts[pi];
+            const int r = n - starts[pi];
+            gemm_rows(p, r, K, xi, xd, xs, M, y, ldy, p->col0 + (p->perm ? p->perm[r] : r));
+        }
+        return 0;
+    }
+#endif
     int8_t *buf = scratch_for(2 * qbytes + 2 * sizeof(float) * (size_t)M * nb);
     if (!buf) return -1;
     int8_t *q_lin = need_lin ? buf : NULL, *q_pair = need_pair ? buf + qbytes : NULL;
     float *xds = (float *)(buf + 2 * qbytes);
     quantize_rows(x, ldx, M, K, q_lin, q_pair, xds, threads);
 
-    /* ~8 chunks per thread: small enough to balance, large enough to amortise the hand-out */
-    const int chunk = total / (8 * threads) > 4 ? total / (8 * threads) : 4;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
     for (int n = 0; n < total; n++) {
         int pi = 0;
