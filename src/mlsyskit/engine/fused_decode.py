@@ -3,9 +3,10 @@
 A decode step of a small model at batch 1 is short enough that PyTorch's per-op cost (~35 ops
 per layer: norms, RoPE, the KV write, SwiGLU, residual adds) rivals the matrix products. For the
 Llama family with quantized weights (a GGUF file run natively, or ``mlsyskit quantize``
-layers) a step whose rows are all decodes, fewer than ``DENSE_ROWS`` (32) of them, runs each layer
-as one call instead; prefill chunks, mixed steps and large batches keep the module path (whose
-dense GEMMs win there). Both paths compute the same math with the same quantized products.
+layers) the decode rows of a step, fewer than ``DENSE_ROWS`` (32) of them, run each layer as one
+call instead (in a step that also prefills, the prefill rows go through the modules apart);
+prefill chunks and larger batches keep the module path, whose dense GEMMs win there. Both paths
+compute the same math with the same quantized products.
 """
 
 from __future__ import annotations
