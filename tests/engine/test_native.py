@@ -107,11 +107,21 @@ def test_smollm2_native_is_small_and_close_to_float32(smollm2_checkpoint) -> Non
         a, b = model(ids[:, :8])[0], ref.engine.model(ids[:, :8])[0]
     assert F.cosine_similarity(a, b, dim=-1).min() > 0.99
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
-    # Greedy text: equal on these prompts. The int8 activations move logits by up to ~5 % of
-    # their range, so a near tie can go the other way: "To be, or not to be" continues ", a
-    # person who..." in float32 and ", is a fundamental..." natively (a tie at the 2nd token).
-    for prompt in ("def fibonacci(n):", "1, 2, 3, 4,", "Hello, my name is"):
-        assert native.generate([prompt], GREEDY)[0].text == ref.generate([prompt], GREEDY)[0].text
+    # Greedy text: the int8 activations move logits by a few hundredths, so at a near tie native
+    # greedy can take the other token (which one depends on the CPU's kernel variant: "Hello, my
+    # name is Alex, and I'm a" went " professional" in float32, " brilliant" natively, 0.02 apart).
+    # So: float32, teacher-forced on native's own greedy text, rates every native pick within
+    # 0.5 logit of its best (the logits span ~35), and agrees exactly on most steps.
+    exact = steps = 0
+    for prompt in ("def fibonacci(n):", "1, 2, 3, 4,", "Hello, my name is", "The capital of France is"):
+        out = native.generate([prompt], GREEDY)[0]
+        seq = torch.tensor([out.prompt_token_ids + out.token_ids])
+        with torch.no_grad():
+            logits = ref.engine.model(seq)[0][len(out.prompt_token_ids) - 1 : -1]
+        gap = logits.max(-1).values - logits.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert float(gap.max()) < 0.5, (prompt, out.text, gap.tolist())
+        exact, steps = exact + int((gap == 0).sum()), steps + len(out.token_ids)
+    assert exact >= 0.9 * steps
     # teacher-forced on float32's own greedy continuation: native picks the same next token
     # almost everywhere
     ids = ref.generate(["To be, or not to be"], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
@@ -119,7 +129,9 @@ def test_smollm2_native_is_small_and_close_to_float32(smollm2_checkpoint) -> Non
     with torch.no_grad():
         agree = (model(seq)[0].argmax(-1) == ref.engine.model(seq)[0].argmax(-1)).float().mean()
     assert agree >= 0.9
-    out = native.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=30, temperature=0))[0]
+    # (not "What is the capital of France?": its first token is a near tie in float32 too, "The"
+    # 25.33 against "L" 25.24, and native goes on "L'Étoile, la Marseillaise...")
+    out = native.chat([{"role": "user", "content": "Name the capital of France."}], SamplingParams(max_tokens=30, temperature=0))[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
