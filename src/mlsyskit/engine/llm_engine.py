@@ -84,6 +84,9 @@ class LLMEngine:
             quantize_(self.model, parse_quantization(quantization))
         # quantized layers: dense prefill GEMMs in bf16 where the CPU has it (AMX / AVX-512 BF16)
         set_prefill_dtype(self.model, torch.bfloat16 if kernels.native_bf16() else torch.float32)
+        if isinstance(getattr(self.model, "lm_head", None), torch.nn.Module):
+            # logits stay float32: bf16 outputs (0.125 apart near 25) made exact ties of near ones
+            set_prefill_dtype(self.model.lm_head, torch.float32)
         keep_freed_memory()  # dense prefill weights, logits: reuse freed memory, no page faults
         if kv_dtype is None:  # quantized models keep their KV in fp16, as llama.cpp does
             quantized = any(getattr(m, "_qw", None) is not None for m in self.model.modules())
