@@ -5,12 +5,14 @@ and fuses q|k|v and gate|up into our layout (names: :mod:`mlsyskit.models.checkp
 Architectures: llama (SmolLM2, TinyLlama, Mistral), qwen2, gpt2. Two ways:
 
 - ``native=False`` (the float reference): F32/F16/BF16/Q8_0/Q4_0/Q4_1 are dequantized with the
-  vectorized numpy code below, fused tensors straight into their slice of the output.
+  vectorized numpy code below, Q5_0/Q5_1 and the K-quants (Q2_K..Q6_K) with
+  :mod:`mlsyskit.models.gguf_kquants`, fused tensors straight into their slice of the output.
 - ``native=True``: every 2-D weight stored as Q4_0, Q4_1 or Q8_0 stays in the file as it is:
   its state-dict value is a :class:`BlockWeight` (views of the memory-mapped blocks, the fused
   parts side by side, the Q/K permutation as an index of output rows). Nothing is dequantized
   or copied, so loading takes a fraction of a second; the engine computes on the blocks with
   the kernels of :mod:`mlsyskit.quant.kernels` (``quantized_linear=`` of ``build_transformer``).
+  Weights in the other block formats are dequantized to float32 as with ``native=False``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint_types import Checkpoint, check_state_dict, check_tokenizer
 from mlsyskit.models.config import TransformerConfig
+from mlsyskit.models.gguf_kquants import DEQUANTIZERS
 from mlsyskit.models.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1) + tuple(Q[n] for n in DEQUANTIZERS)
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
 NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # block formats kept as they are with native=True
 BLOCK = 32  # values per block of every NATIVE_TYPES format
@@ -115,7 +118,10 @@ def dequantize_into(raw: np.ndarray, qtype: int, out: np.ndarray) -> None:
         flat.view(np.uint32)[:] = raw.reshape(-1).view("<u2").astype(np.uint32) << 16
     else:
         blocks = raw.reshape(-1, nbytes)
-        o = flat.reshape(-1, block)  # one row per block of 32 values
+        o = flat.reshape(-1, block)  # one row per block
+        if qtype.name in DEQUANTIZERS:
+            DEQUANTIZERS[qtype.name](blocks, o)
+            return
         d = _f16(blocks[:, :2])
         if qtype == Q.Q8_0:  # d: f16, then 32 int8; value = q * d
             o[:] = blocks[:, 2:].view(np.int8)
@@ -473,3 +479,21 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native: bool = Fal
         file_type=_file_type(meta, reader),
         original_bytes=path.stat().st_size,
     )
+
+
+def linear_weight_bits(path: Path) -> tuple[int, float]:
+    """(weights, stored bits) of a GGUF file's linear weights, counted as
+    :func:`mlsyskit.quant.perplexity.linear_weight_bits` counts ours: every 2-D ``blk.*``
+    weight and the output projection (``output.weight``, or ``token_embd.weight`` when the
+    embedding is tied), at the bytes its block format takes (e.g. Q4_K: 144 bytes per 256)."""
+    reader = _open(Path(path))
+    names = {t.name for t in reader.tensors}
+    n, bits = 0, 0.0
+    for t in reader.tensors:
+        head = t.name == "output.weight" or (
+            t.name == "token_embd.weight" and "output.weight" not in names
+        )
+        if len(t.shape) == 2 and ((t.name.startswith("blk.") and t.name.endswith(".weight")) or head):
+            n += int(np.prod(t.shape))
+            bits += t.n_bytes * 8
+    return n, bits

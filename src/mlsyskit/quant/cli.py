@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="perplexity of a model on a text, with its bits per weight and size",
         description="Score a text with fixed context windows and print one JSON object: perplexity, "
         "nll (mean nats per scored token), tokens (scored), text_tokens, windows, bits_per_weight "
-        "(stored bits of the linear weights including scales and zero points; fp32 = 32), "
+        "(stored bits of the linear weights including scales and zero points; fp32 = 32; a GGUF file's "
+        "weights at the bits of its block formats, e.g. Q4_K 4.5), "
         "model_bytes (bytes the model holds in memory) and file_bytes (size on disk of the file, or of "
         "the files in the directory). The text is tokenized whole, cut to --max-tokens, and cut into "
         "windows of --window tokens starting every --stride tokens; each window is one forward pass "
@@ -176,7 +177,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         "windows": res.windows,
         "window": args.window,
         "stride": args.stride or args.window,
-        "bits_per_weight": round(ppl.bits_per_weight(model), 6),
+        "bits_per_weight": round(ppl.source_bits_per_weight(model, ckpt.source), 6),
         "model_bytes": model_bytes(model),
         "file_bytes": ppl.file_bytes(ckpt.source),
         "model": ckpt.source,

@@ -129,6 +129,24 @@ def bits_per_weight(model: nn.Module) -> float:
     return bits / n
 
 
+def source_bits_per_weight(model: nn.Module, source: str | Path) -> float:
+    """Bits per linear weight of ``model`` loaded from ``source``: for a GGUF file whose
+    weights the model holds in float (dequantized on load) the bits of the file's own block
+    formats (:func:`mlsyskit.models.gguf_loader.linear_weight_bits`), else
+    :func:`bits_per_weight` of the model."""
+    from mlsyskit.quant.linear import QuantLinear
+
+    p = Path(source)
+    requantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    if p.is_file() and p.suffix.lower() == ".gguf" and not requantized:
+        from mlsyskit.models.gguf_loader import linear_weight_bits as gguf_bits
+
+        n, bits = gguf_bits(p)
+        if n:
+            return bits / n
+    return bits_per_weight(model)
+
+
 def file_bytes(path: str | Path) -> int:
     """Bytes on disk of a checkpoint: the file, or every file in the directory (not recursive)."""
     p = Path(path)
