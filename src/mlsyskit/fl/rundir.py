@@ -6,93 +6,36 @@ killed at any moment leaves a directory that `--resume` can continue.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mlsyskit.errors import UserError
-from mlsyskit.runtime import json_dumps
+from mlsyskit.rundir import (  # noqa: F401 - the shared run-directory parts, re-exported
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    MODEL,
+    SUMMARY,
+    append_metrics,
+    atomic_write,
+    new_run_dir,
+    read_json,
+    rewrite_metrics,
+    save_tensors,
+    write_json,
+)
+from mlsyskit.rundir import read_metrics as _read_metrics
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.safetensors"
-SUMMARY = "summary.json"
-MODEL = "model.safetensors"
 PARTITION = "partition.json"
 PLOT = "accuracy.png"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Valid JSON (NaN/Infinity written as null), atomically."""
-    _atomic_write(path, lambda p: p.write_text(json_dumps(obj, indent=2) + "\n"))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file of the run directory ({} if it is missing)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
-
-
-def new_run_dir(path: Path) -> Path:
-    """Create a fresh run directory; refuse one that already holds a run (never overwrite it)."""
-    if (path / METRICS).exists() or (path / CONFIG).exists():
-        raise UserError(
-            f"{path} already holds a run; continue it with --resume {path} or choose another --out"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the run directory --out {path}: {e.strerror or e}") from None
-    return path
-
-
-def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path / METRICS, "a") as f:
-        f.write(json_dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_metrics(path: Path, upto_round: int | None = None) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl (only rounds <= upto_round when given); a torn last line is ignored."""
-    rows = []
-    if not (path / METRICS).exists():
-        return rows
-    for line in (path / METRICS).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if upto_round is None or row["round"] <= upto_round:
-            rows.append(row)
-    return rows
-
-
-def rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json_dumps(r) + "\n" for r in rows)
-    _atomic_write(path / METRICS, lambda p: p.write_text(text))
+    return _read_metrics(path, "round", upto_round)
 
 
 def save_checkpoint(path: Path, rnd: int, global_w: torch.Tensor, server_state: dict[str, torch.Tensor]) -> None:
@@ -143,5 +86,5 @@ def plot_accuracy(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig = accuracy_figure(rows, title)
-    _atomic_write(path / PLOT, lambda p: fig.savefig(p, dpi=100, format="png"))
+    atomic_write(path / PLOT, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

@@ -9,85 +9,40 @@ tensors (model, optimizer state, RNG) in safetensors, everything else as JSON me
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mlsyskit.errors import UserError
-
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-MODEL = "model.safetensors"
-CHECKPOINT = "checkpoint.safetensors"
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+from mlsyskit.rundir import (  # noqa: F401 - the shared run-directory parts, re-exported
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    MODEL,
+    SUMMARY,
+    append_metrics,
+    new_run_dir,
+    rewrite_metrics,
+    save_tensors,
+    write_json,
+)
+from mlsyskit.rundir import read_json as _read_json
+from mlsyskit.rundir import read_metrics as _read_metrics
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: is {path.parent} a run directory of mlsyskit train?") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def new_run_dir(path: Path) -> Path:
-    """Create a fresh run directory; refuse one that already holds a run (never overwrite it)."""
-    if (path / METRICS).exists() or (path / CONFIG).exists():
-        raise UserError(f"{path} already holds a run; continue it with --resume {path} or choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the run directory --out {path}: {e.strerror or e}") from None
-    return path
-
-
-def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return _read_json(path, missing=f"{path} is missing: is {path.parent} a run directory of mlsyskit train?")
 
 
 def read_metrics(path: Path, upto_epoch: int | None = None) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl (epochs <= upto_epoch when given); a torn last line is ignored."""
-    rows = []
-    if (path / METRICS).exists():
-        for line in (path / METRICS).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if upto_epoch is None or row["epoch"] <= upto_epoch:
-                rows.append(row)
-    return rows
-
-
-def rewrite_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    _atomic(path / METRICS, lambda p: p.write_text(text))
+    return _read_metrics(path, "epoch", upto_epoch)
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    save_tensors(path, state, meta)
 
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
