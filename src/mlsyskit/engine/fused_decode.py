@@ -141,12 +141,15 @@ class FusedDecoder:
 
         self.stats = (ctypes.c_double * len(kernels.DECODE_PHASES))() if on else None
 
-    def forward(self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor) -> Tensor:
+    def forward(
+        self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor, x: Tensor | None = None
+    ) -> Tensor:
         """Hidden states (B, dim) after the last layer for B decode tokens: ``ids`` (B,) token ids,
-        ``pos`` (B,) int32 positions, ``slots``/``tables``/``lens`` as for the paged attention."""
+        ``pos`` (B,) int32 positions, ``slots``/``tables``/``lens`` as for the paged attention;
+        ``x``: the layers' input (B, dim) instead of the tokens' embeddings (a pipeline stage)."""
         if not 0 < len(ids) <= self.max_rows:  # the scratch holds max_rows rows
             raise ValueError(f"a fused decode step takes 1 to {self.max_rows} rows, not {len(ids)}")
-        x = self.model.embed(ids).float().contiguous()
+        x = (self.model.embed(ids) if x is None else x).float().contiguous()
         for layer in self.layers:
             kernels.decode_layer(layer, self.dims, x, pos, slots, tables, lens, self.scratch, stats=self.stats)
         return x

@@ -19,6 +19,48 @@ from mlsyskit.engine.sequence import Sequence
 from mlsyskit.models.transformer import Transformer
 
 
+@dataclasses.dataclass
+class StepRow:
+    """What one sequence brings to a step, all a process needs to run it (pickled to the
+    workers of a parallel engine): its new tokens, the position of the first, its block table,
+    and whether the step reaches its last token (its hidden state is sampled)."""
+
+    tokens: list[int]
+    start: int
+    table: list[int]
+    last: bool
+
+
+def step_rows(batch: list[tuple[Sequence, int]]) -> list[StepRow]:
+    """The rows of a scheduled batch (``(sequence, new tokens)`` pairs), in batch order."""
+    rows = []
+    for seq, n in batch:
+        start = seq.num_computed
+        rows.append(StepRow(seq.token_ids[start : start + n], start, seq.block_table, start + n == len(seq)))
+    return rows
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """A step's tensors: flat token ids, positions and KV slots, the attention metadata (its
+    ``slot_mapping`` left empty: :meth:`ModelRunner.hidden` fills it in), and for each row the
+    index of its sampled token (``None``: a prefill chunk mid-prompt)."""
+
+    ids: Tensor
+    positions: Tensor
+    slots: Tensor
+    meta: StepMeta
+    last_rows: list[int | None]
+
+    @property
+    def sample_rows(self) -> list[int]:
+        return [r for r in self.last_rows if r is not None]
+
+    def pure_decode(self, max_rows: int) -> bool:
+        """Only decode rows, few enough for one fused call each layer."""
+        return 0 < self.meta.num_decode <= max_rows and not self.meta.prefills
+
+
 class ModelRunner:
     """Owns the model and (with ``kv_cache=True``) the preallocated paged KV pool."""
 
@@ -45,6 +87,24 @@ class ModelRunner:
         return out
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[Tensor | None]:
+        inputs = self.inputs(step_rows(batch))
+        rows = inputs.sample_rows
+        if self.fused is not None and inputs.pure_decode(self.fused.max_rows):
+            with self.fused.timed():  # a pure decode step: timed for the thread-count tuner
+                hidden = self.hidden(inputs)
+                logits = self.model.logits(hidden[rows])
+        else:
+            hidden = self.hidden(inputs)
+            logits = self.model.logits(hidden[rows]) if rows else None
+        out: list[Tensor | None] = []
+        k = 0
+        for r in inputs.last_rows:
+            out.append(None if r is None else logits[k])
+            k += r is not None
+        return out
+
+    def inputs(self, rows: list[StepRow]) -> StepInputs:
+        """The step's tensors (token ids, positions, slots, attention metadata), decodes first."""
         bs = self.kv.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -53,13 +113,12 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         last_rows: list[int | None] = []
-        for seq, n in batch:
-            start = seq.num_computed
+        for row in rows:
+            n, start, table = len(row.tokens), row.start, row.table
             end = start + n
             row0 = len(ids)
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(row.tokens)
             positions.extend(range(start, end))
-            table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1:
                 decode_tables.append(table)
@@ -70,7 +129,7 @@ class ModelRunner:
                     mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
                 blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long)
                 prefills.append(PrefillChunk(row0, n, end, blocks, mask))
-            last_rows.append(row0 + n - 1 if end == len(seq) else None)
+            last_rows.append(row0 + n - 1 if row.last else None)
         nd = len(decode_tables)
         decode_blocks = decode_mask = decode_len = tables = lens = None
         if nd and self.kv.in_place_decode:  # the compiled kernel walks the block tables itself
@@ -87,36 +146,37 @@ class ModelRunner:
             valid = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
             # additive float mask built once per step (a bool mask is converted in every layer)
             decode_mask = torch.zeros(valid.shape, dtype=self.kv.k.dtype).masked_fill_(~valid, float("-inf")).view(nd, 1, 1, -1)
-        ids_t, pos_t, slots_t = torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long)
-        rows = [r for r in last_rows if r is not None]
-        if self.fused is not None and 0 < nd <= self.fused.max_rows and not prefills:
-            with self.fused.timed():  # a pure decode step: timed for the thread-count tuner
-                hidden = self.fused.forward(ids_t, pos_t.int(), slots_t, tables, lens)
-                logits = self.model.logits(hidden[rows])
-        else:
-            if self.fused is not None and 0 < nd <= self.fused.max_rows:
-                # Decode rows always take the fused path, whatever else is in the step, so a
-                # token's result never depends on its neighbours (quantized activations turn
-                # float32 rounding differences into rounding flips); prefills take the modules.
-                hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], tables, lens)
-                shifted = [dataclasses.replace(c, start=c.start - nd) for c in prefills]
-                meta = StepMeta(slots_t[nd:], 0, None, None, shifted)
-                hidden = torch.cat((hidden, self._modules_forward(ids_t[nd:], pos_t[nd:], meta)))
-            else:
-                meta = StepMeta(slots_t, nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens)
-                hidden = self._modules_forward(ids_t, pos_t, meta)
-            logits = self.model.logits(hidden[rows]) if rows else None
-        out: list[Tensor | None] = []
-        k = 0
-        for r in last_rows:
-            out.append(None if r is None else logits[k])
-            k += r is not None
-        return out
+        return StepInputs(
+            torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long),
+            StepMeta(torch.empty(0, dtype=torch.long), nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens),
+            last_rows,
+        )
 
-    def _modules_forward(self, ids: Tensor, positions: Tensor, meta: StepMeta) -> Tensor:
+    def hidden(self, inputs: StepInputs, x: Tensor | None = None) -> Tensor:
+        """Hidden states ``(T, dim)`` of the step's rows after this model's layers; ``x``: the
+        layers' input instead of the tokens' embeddings (a pipeline stage after the first)."""
+        ids_t, pos_t, slots_t, meta = inputs.ids, inputs.positions, inputs.slots, inputs.meta
+        nd = meta.num_decode
+        if self.fused is not None and 0 < nd <= self.fused.max_rows:
+            # Decode rows always take the fused path, whatever else is in the step, so a
+            # token's result never depends on its neighbours (quantized activations turn
+            # float32 rounding differences into rounding flips); prefills take the modules.
+            hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], meta.decode_tables,
+                                        meta.decode_lens, None if x is None else x[:nd])
+            if not meta.prefills:
+                return hidden
+            shifted = [dataclasses.replace(c, start=c.start - nd) for c in meta.prefills]
+            rest = StepMeta(slots_t[nd:], 0, None, None, shifted)
+            tail = self._modules_forward(ids_t[nd:], pos_t[nd:], rest, None if x is None else x[nd:])
+            return torch.cat((hidden, tail))
+        return self._modules_forward(ids_t, pos_t, dataclasses.replace(meta, slot_mapping=slots_t), x)
+
+    def _modules_forward(self, ids: Tensor, positions: Tensor, meta: StepMeta, x: Tensor | None = None) -> Tensor:
         """Hidden states of the step's rows through the model's modules and the paged cache."""
         self.kv.meta = meta
         try:
+            if x is not None:
+                return self.model.forward_hidden(x, positions, self.kv)
             return self.model.forward_tokens(ids, positions, self.kv)
         finally:
             self.kv.meta = None

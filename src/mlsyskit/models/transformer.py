@@ -114,7 +114,11 @@ class Transformer(nn.Module):
 
     def forward_tokens(self, input_ids: Tensor, positions: Tensor, kv: StepKV) -> Tensor:
         """Hidden states ``(T, dim)`` for flat tokens at the given positions, through the cache."""
-        x = self._embed(input_ids, positions)
+        return self.forward_hidden(self._embed(input_ids, positions), positions, kv)
+
+    def forward_hidden(self, x: Tensor, positions: Tensor, kv: StepKV) -> Tensor:
+        """:meth:`forward_tokens` from hidden states ``x`` ``(T, dim)`` instead of token ids: a
+        pipeline stage's layers (``kv.layer(i)`` is this model's ``i``-th layer)."""
         rope = None
         if not self.cfg.gpt2:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin_signed[positions].unsqueeze(1))
