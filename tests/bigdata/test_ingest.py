@@ -24,15 +24,15 @@ def _long_text(seed: int) -> str:
     return "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 90))) for _ in range(10))
 
 
-def test_chunking_is_the_serving_rule() -> None:
-    from mlsyskit.serve import documents
-
+def test_chunks_hold_every_word_in_order_within_the_limit() -> None:
     for text in (_long_text(1), SPARK_MD, "one\r\n\r\n" + "x " * 300 + "\n  code line\n", "  \n"):
         for words in (5, 40, 120):
-            assert chunking.chunk_text(text, words) == documents.chunk_text(text, words)
-        assert chunking.title_of(text, "stem") == documents._title_of(text, "stem")
-    doc = documents.Document("id", "Shuffles move data.", "", "Spark basics")
-    assert chunking.embedding_text("Spark basics", "Shuffles move data.") == documents.embedding_text(doc)
+            chunks = chunking.chunk_text(text, words)
+            assert " ".join(chunks).split() == text.split()
+            assert all(0 < len(c.split()) <= words for c in chunks)
+    assert chunking.title_of(SPARK_MD, "stem") != "stem" and chunking.title_of("no heading", "stem") == "stem"
+    assert chunking.embedding_text("Spark basics", "Shuffles move data.") == "Spark basics\nShuffles move data."
+    assert chunking.embedding_text("Spark basics", "Spark basics: shuffles") == "Spark basics: shuffles"
 
 
 def test_ingest_is_incremental_and_serve_loads_it(spark, tmp_path: Path) -> None:

@@ -1,8 +1,6 @@
-"""Chunking of documents for RAG ingestion, by the same rule as ``mlsyskit serve --docs``.
-
-(The serving layer sits above this one and may not be imported here; a test checks that both
-chunkers, titles and embedded texts agree, so an ingested folder and the same folder given to
-``serve --docs`` hold the same documents.)
+"""Chunking of documents for RAG: the one rule ``mlsyskit spark ingest`` and ``mlsyskit serve
+--docs`` both use (serve imports it from here), so an ingested folder and the same folder given
+to ``serve --docs`` hold the same documents.
 
 A text is split at paragraph boundaries (blank lines) into chunks of at most ``max_words``
 words; a longer paragraph is split at line breaks, then at words. The chunks hold every word
@@ -16,7 +14,9 @@ from __future__ import annotations
 
 import re
 
-CHUNK_WORDS = 120
+from mlsyskit.errors import UserError
+
+CHUNK_WORDS = 120  # ~170-250 MiniLM tokens for prose: the chunk fits the 256-token window
 TEXT_SUFFIXES = (".txt", ".md")
 
 
@@ -45,9 +45,13 @@ def _split_long(paragraph: str, max_words: int) -> list[str]:
 
 
 def chunk_text(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
-    """``text`` in chunks of at most ``max_words`` words, split at paragraph boundaries."""
+    """``text`` split at paragraph boundaries into chunks of at most ``max_words`` words.
+
+    Together the chunks hold every word of ``text`` in order (``" ".join(chunks).split() ==
+    text.split()``); whitespace-only text gives no chunk.
+    """
     if max_words < 1:
-        raise ValueError(f"max_words must be at least 1, got {max_words}")
+        raise UserError(f"max_words must be at least 1, got {max_words}")
     paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
     chunks: list[str] = []
     current: list[str] = []

@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from mlsyskit.bigdata import chunking
+from mlsyskit.bigdata.chunking import CHUNK_WORDS, TEXT_SUFFIXES, chunk_ids, chunk_text, title_of
 from mlsyskit.errors import UserError
 
-CHUNK_WORDS = 120  # ~170-250 MiniLM tokens for prose: the chunk fits the 256-token window
-TEXT_SUFFIXES = (".txt", ".md")
 EMBED_DIM = 384
 DEFAULT_SOURCE = "pydoc_data.topics"
 _CACHE_VERSION = "1"
@@ -107,68 +107,6 @@ class Retrieved:
 
     document: Document
     score: float
-
-
-# -- chunking -----------------------------------------------------------------------------------
-def _split_long(paragraph: str, max_words: int) -> list[str]:
-    """A paragraph longer than ``max_words``: split at line breaks, then at words."""
-    pieces: list[str] = []
-    current: list[str] = []
-    count = 0
-    for line in paragraph.split("\n"):
-        words = line.split()
-        if not words:
-            continue
-        if count + len(words) > max_words and current:
-            pieces.append("\n".join(current))
-            current, count = [], 0
-        cut = False
-        while len(words) > max_words:  # one very long line: cut it at word boundaries
-            pieces.append(" ".join(words[:max_words]))
-            words, cut = words[max_words:], True
-        if not words:
-            continue
-        current.append(" ".join(words) if cut else line.rstrip())  # keep code indentation
-        count += len(words)
-    if current:
-        pieces.append("\n".join(current))
-    return pieces
-
-
-def chunk_text(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
-    """``text`` split at paragraph boundaries into chunks of at most ``max_words`` words.
-
-    Together the chunks hold every word of ``text`` in order (``" ".join(chunks).split() ==
-    text.split()``); whitespace-only text gives no chunk.
-    """
-    if max_words < 1:
-        raise UserError(f"max_words must be at least 1, got {max_words}")
-    paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
-    chunks: list[str] = []
-    current: list[str] = []
-    count = 0
-    for para in paragraphs:
-        n = len(para.split())
-        if n == 0:
-            continue
-        if n > max_words:
-            if current:
-                chunks.append("\n\n".join(current))
-                current, count = [], 0
-            chunks.extend(_split_long(para, max_words))
-            continue
-        if count + n > max_words and current:
-            chunks.append("\n\n".join(current))
-            current, count = [], 0
-        current.append(para)
-        count += n
-    if current:
-        chunks.append("\n\n".join(current))
-    return chunks
-
-
-def _chunk_ids(base: str, n: int) -> list[str]:
-    return [base] if n == 1 else [f"{base}#{i}" for i in range(n)]
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -256,7 +194,7 @@ class DocumentStore:
             parts = [text] if chunk_words is None else chunk_text(text, chunk_words)
             docs.extend(
                 Document(cid, part, source, title)
-                for cid, part in zip(_chunk_ids(base_ids[i], len(parts)), parts, strict=True)
+                for cid, part in zip(chunk_ids(base_ids[i], len(parts)), parts, strict=True)
             )
         new_ids = [d.id for d in docs]
         if len(set(new_ids)) != len(new_ids):
@@ -349,19 +287,10 @@ class DocumentStore:
 
 def embedding_text(doc: Document) -> str:
     """What is embedded for a document: its title (a topic name, a file's heading) and text."""
-    return f"{doc.title}\n{doc.text}" if doc.title and not doc.text.startswith(doc.title) else doc.text
+    return chunking.embedding_text(doc.title, doc.text)
 
 
 # -- corpora ------------------------------------------------------------------------------------
-def _title_of(text: str, fallback: str) -> str:
-    """A file's title: its first Markdown heading, else ``fallback`` (the file's stem)."""
-    for line in text.splitlines()[:20]:
-        m = re.match(r"^#{1,6}\s+(.+?)\s*#*\s*$", line)
-        if m:
-            return m.group(1)
-    return fallback
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -438,7 +367,7 @@ def load_corpus(path: str | Path, warn: Callable[[str], None] = _stderr) -> tupl
             texts.append(text)
             ids.append(rel)
             sources.append(rel)
-            titles.append(_title_of(text, f.stem))
+            titles.append(title_of(text, f.stem))
         why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
         if not texts:
             raise UserError(f"--docs {path}: no non-empty .txt or .md file in this directory" + (f" (skipped {why})" if why else ""))
@@ -454,7 +383,7 @@ def load_corpus(path: str | Path, warn: Callable[[str], None] = _stderr) -> tupl
         text = _read_text(p)
         if not text.strip():
             raise UserError(f"--docs {path}: the file is empty")
-        return [text], [p.name], [p.name], [_title_of(text, p.stem)]
+        return [text], [p.name], [p.name], [title_of(text, p.stem)]
     raise UserError(f"--docs {path}: expected a directory, a .txt/.md file or a .jsonl file")
 
 
@@ -479,7 +408,7 @@ def default_corpus(chunk_words: int = CHUNK_WORDS) -> tuple[list[str], list[str]
         if sum(len(c.split()) for c in parts) < 8:
             continue  # every substantial paragraph belongs to a smaller topic
         texts.extend(parts)
-        ids.extend(_chunk_ids(name, len(parts)))
+        ids.extend(chunk_ids(name, len(parts)))
         sources.extend([f"{DEFAULT_SOURCE}:{name}"] * len(parts))
         titles.extend([name] * len(parts))
     return texts, ids, sources, titles
