@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from mlsyskit.engine.kv_tiers import chain_key
 from mlsyskit.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from mlsyskit.engine.kv_tiers import KVTiers
 
 
 @dataclass
@@ -22,6 +27,7 @@ class Block:
     hash: int | None = None  # set once the block is full and registered
     token_ids: tuple[int, ...] = field(default_factory=tuple)
     filled: int = 0  # tokens of real KV it holds
+    key: bytes | None = None  # tier key (SHA-256 chain), set with ``hash`` when tiers exist
 
 
 def _chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
@@ -31,8 +37,10 @@ def _chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
 class BlockManager:
     """Owns block ids ``0..num_blocks-1``; the KV tensors themselves live in ``PagedKVCache``."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 tiers: KVTiers | None = None) -> None:
         self.block_size = block_size
+        self.tiers = tiers
         self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in least-recently-freed order; cached (hashed) ones stay findable by hash.
@@ -40,6 +48,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.prefix_hits = 0  # tokens served from the prefix cache (lifetime)
         self.prefix_queries = 0  # prompt tokens looked up (lifetime)
+        self.tier_hits = 0  # of those, tokens loaded back from a tier (lifetime)
 
     @property
     def num_blocks(self) -> int:
@@ -58,7 +67,9 @@ class BlockManager:
         b = self.blocks[bid]
         if b.hash is not None and self.hash_to_block.get(b.hash) == bid:
             del self.hash_to_block[b.hash]  # its old contents are about to be overwritten
-        b.hash, b.token_ids, b.filled, b.ref_count = None, (), 0, 1
+            if self.tiers is not None and b.key is not None:
+                self.tiers.save(bid, b.key, b.token_ids)  # ... so they go down a tier first
+        b.hash, b.key, b.token_ids, b.filled, b.ref_count = None, None, (), 0, 1
         return b
 
     def _ref(self, bid: int) -> None:
@@ -75,21 +86,44 @@ class BlockManager:
             return 0
         bs = self.block_size
         prev = None
+        key = self.tiers.root if self.tiers is not None else None
         n_full = (len(seq) - 1) // bs
         self.prefix_queries += len(seq)
+        loaded = 0
         for i in range(n_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = _chain_hash(prev, tokens)
+            if key is not None:
+                key = chain_key(key, tokens)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != tokens:
-                break
-            self._ref(bid)
-            seq.block_table.append(bid)
+                if not self._load_from_tier(seq, h, key, tokens):
+                    break
+                loaded += 1
+            else:
+                self._ref(bid)
+                seq.block_table.append(bid)
             prev = h
         cached = len(seq.block_table) * bs
         self.prefix_hits += cached
+        self.tier_hits += loaded * bs
         seq.num_computed = seq.num_prefix_cached = cached
         return cached
+
+    def _load_from_tier(self, seq: Sequence, h: int, key: bytes | None, tokens: tuple[int, ...]) -> bool:
+        """Bring the block keyed ``key`` back from a tier into a free pool block."""
+        if key is None or not self.free or not self.tiers.has(key):
+            return False
+        b = self._take_free()
+        if self.tiers.load(b.block_id, key, tokens) is None:
+            b.ref_count = 0
+            self.free[b.block_id] = None
+            self.free.move_to_end(b.block_id, last=False)  # reused first: it holds nothing
+            return False
+        b.hash, b.key, b.token_ids, b.filled = h, key, tokens, self.block_size
+        self.hash_to_block[h] = b.block_id
+        seq.block_table.append(b.block_id)
+        return True
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether ``seq`` can hold ``num_tokens`` tokens of KV after taking free blocks."""
@@ -113,6 +147,9 @@ class BlockManager:
                     break  # the chain is broken (should not happen): do not register
                 b.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 b.hash = _chain_hash(prev, b.token_ids)
+                if self.tiers is not None:
+                    prev_key = self.blocks[seq.block_table[i - 1]].key if i else self.tiers.root
+                    b.key = None if prev_key is None else chain_key(prev_key, b.token_ids)
                 self.hash_to_block.setdefault(b.hash, bid)
 
     def free_seq(self, seq: Sequence) -> None:
@@ -128,6 +165,37 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = 0
 
+    # -- swap --------------------------------------------------------------------------------
+    def swap_out(self, seq: Sequence) -> bool:
+        """Copy ``seq``'s computed blocks to the host tier and free them; False (nothing done)
+        when the tier has no room. ``seq.num_computed`` is kept for :meth:`swap_in`."""
+        n = self.blocks_needed(seq.num_computed)
+        slots = self.tiers.swap_out(seq.block_table[:n]) if self.tiers is not None and n else None
+        if slots is None:
+            return False
+        computed = seq.num_computed
+        self.free_seq(seq)
+        seq.swapped, seq.num_computed = slots, computed
+        return True
+
+    def swap_in(self, seq: Sequence) -> bool:
+        """Take pool blocks for a swapped-out ``seq`` and copy its KV back; False when the pool
+        has no room yet (it stays swapped)."""
+        n = len(seq.swapped)
+        if n > self.num_free:
+            return False
+        bids = [self._take_free().block_id for _ in range(n)]
+        self.tiers.swap_in(seq.swapped, bids)
+        seq.block_table, seq.swapped = bids, None
+        self.commit(seq)  # full blocks are shareable (and tier-keyed) again
+        return True
+
+    def drop_swapped(self, seq: Sequence) -> None:
+        """Release a swapped-out sequence's host slots (it finished or was aborted)."""
+        if seq.swapped is not None:
+            self.tiers.release(seq.swapped)
+            seq.swapped = None
+
     # -- accounting ------------------------------------------------------------------------
     def usage(self) -> dict[str, float]:
         """How much of the pool is in use and how much of that holds real tokens."""
@@ -142,4 +210,8 @@ class BlockManager:
             "tokens_stored": tokens,
             "fill_ratio": tokens / cap if cap else 1.0,
             "prefix_hit_rate": self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
+            **({} if self.tiers is None else {
+                "tier_hit_tokens": self.tier_hits,
+                **{f"tier_{k}": v for k, v in self.tiers.usage().items()},
+            }),
         }

@@ -68,6 +68,26 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g64, ...; not for a directory `mlsyskit quantize` wrote, which is quantized already (default: off)")
 
 
+def _add_kv_flags(p: argparse.ArgumentParser) -> None:
+    """KV tiers: the same flags on generate, chat and serve (serve/options.py adds them too)."""
+    add_kv_tier_flags(p)
+
+
+def add_kv_tier_flags(p: argparse.ArgumentParser) -> None:
+    """``--kv-offload``, its sizes and directory, and ``--preemption`` (see mlsyskit.engine.kv_tiers)."""
+    p.add_argument("--kv-offload", default=None, choices=("cpu", "disk"), help="a KV tier under the block pool: cpu keeps evicted prefix blocks (and swapped-out sequences) in host memory; disk also writes them to memory-mapped files under --kv-offload-dir that a restart reuses (default: off)")
+    p.add_argument("--kv-offload-gib", type=float, default=4.0, metavar="GIB", help="host-memory tier size (default: 4)")
+    p.add_argument("--kv-disk-gib", type=float, default=16.0, metavar="GIB", help="disk tier size (default: 16)")
+    p.add_argument("--kv-offload-dir", default=None, metavar="DIR", help="directory of the disk tier's block files (needed with --kv-offload disk)")
+    p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"), help="a preempted request's KV: swap it to the tier and back, recompute it, or auto: the cheaper by the measured copy and prefill rates (swap needs --kv-offload) (default: auto)")
+
+
+def kv_tier_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM/LLMEngine keyword arguments of the KV tier flags."""
+    return {"kv_offload": args.kv_offload, "kv_offload_gib": args.kv_offload_gib, "kv_disk_gib": args.kv_disk_gib,
+            "kv_offload_dir": args.kv_offload_dir, "preemption": args.preemption}
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="most new tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default: {temperature})")
@@ -86,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text as it is produced. The prompt is used as is; `mlsyskit chat` applies the chat template.",
     )
     _add_model_flags(gen)
+    _add_kv_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue; '-' reads it from standard input")
     _add_sampling_flags(gen, temperature=0.0, top_p=1.0)
     gen.add_argument("--stats", action="store_true", help=STATS_HELP)
@@ -101,10 +122,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text: special tokens typed in them (<|im_start|>) stay plain text.",
     )
     _add_model_flags(chat)
+    _add_kv_flags(chat)
     chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: none)")
     _add_sampling_flags(chat, temperature=0.2, top_p=0.9)
     chat.add_argument("--stats", action="store_true", help=STATS_HELP + "; one line per reply")
     chat.set_defaults(func=_chat, interrupted="chat ended (Ctrl-C during a reply stops only the reply)")
+
+    plan = sub.add_parser(
+        "plan-memory",
+        help="where a model's KV cache fits: KV bytes per token, tokens that fit on a GPU, host traffic per token",
+        description="An analytic table from the engine's KV cost model (mlsyskit.engine.kv_cost): the weights "
+        "and the KV bytes per token of the model in CONFIG (a Hugging Face config.json), how many tokens of "
+        "context fit on a GPU of --gpu-gib next to the weights, and, if all KV lived in host memory instead, "
+        "the bytes every generated token copies over the host link and the decode rate that allows.",
+    )
+    plan.add_argument("--model", required=True, metavar="CONFIG", help="a Hugging Face config.json (or the directory holding it)")
+    plan.add_argument("--gpu-gib", type=float, required=True, metavar="GIB", help="GPU memory")
+    plan.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16", "int8"), help="weight and KV dtype (default: fp16)")
+    plan.add_argument("--reserve-gib", type=float, default=1.0, metavar="GIB", help="kept for activations and the allocator (default: 1)")
+    plan.add_argument("--link-gb-s", type=float, default=25.0, metavar="GB/S", help="host-to-GPU copy bandwidth (default: 25, PCIe 4.0 x16)")
+    plan.add_argument("--hbm-gb-s", type=float, default=900.0, metavar="GB/S", help="GPU memory bandwidth (default: 900)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_plan_memory)
 
 
 def _setup(args: argparse.Namespace) -> Any:
@@ -126,7 +165,7 @@ def _setup(args: argparse.Namespace) -> Any:
         seed=args.seed,
         stop=args.stop,
     )
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization), params
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kv_tier_kwargs(args)), params
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -146,6 +185,55 @@ def _generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.stats and out is not None:
         _print_stats(out, t0)
+    return 0
+
+
+def _plan_memory(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mlsyskit.engine.kv_cost import DTYPE_BYTES, count_params, kv_bytes_per_token, plan_memory
+    from mlsyskit.errors import UserError
+    from mlsyskit.models.hf_loader import hf_config
+
+    for name in ("gpu_gib", "link_gb_s", "hbm_gb_s"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.reserve_gib < 0:
+        raise UserError(f"--reserve-gib must be >= 0, got {args.reserve_gib}")
+    path = Path(args.model)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"model config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read model config {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+    cfg = hf_config(raw)
+    nbytes = DTYPE_BYTES[args.dtype]
+    params = count_params(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim,
+                          cfg.vocab_size, cfg.tie_embeddings, gated=not cfg.gpt2)
+    kvb = kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, nbytes)
+    plan = plan_memory(params, nbytes, kvb, args.gpu_gib, reserve_gib=args.reserve_gib,
+                       link_bytes_per_s=args.link_gb_s * 1e9, hbm_bytes_per_s=args.hbm_gb_s * 1e9)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps(dataclasses.asdict(plan), indent=2))
+        return 0
+    gib = 2**30
+    print(f"model: {path} ({params / 1e9:.2f} B parameters, {args.dtype}: {plan.weight_bytes / gib:.2f} GiB of weights)")
+    print(f"KV cache: {kvb / 1024:.0f} KiB per token ({cfg.n_layers} layers x 2 x {cfg.n_kv_heads} KV heads x {cfg.head_dim} x {nbytes} B)")
+    print(f"GPU {args.gpu_gib:g} GiB - weights - {args.reserve_gib:g} GiB reserve = {plan.kv_budget_bytes / gib:.2f} GiB for KV: "
+          f"{plan.tokens_fit} tokens of context fit")
+    print(f"if all KV lived in host memory: every generated token copies its whole context's KV over a "
+          f"{args.link_gb_s:g} GB/s link")
+    print(f"{'context':>8} {'KV GiB':>8} {'fits':>5} {'host GB/token':>14} {'tok/s (link)':>13} {'tok/s (HBM)':>12}")
+    for r in plan.rows:
+        print(f"{r['context']:>8} {r['kv_bytes'] / gib:>8.2f} {'yes' if r['fits_on_gpu'] else 'no':>5} "
+              f"{r['host_bytes_per_generated_token'] / 1e9:>14.3f} {r['tok_s_bound_host_link']:>13.1f} {r['tok_s_bound_gpu_memory']:>12.1f}")
     return 0
 
 

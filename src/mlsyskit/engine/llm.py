@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mlsyskit.engine.kv_tiers import check_options
 from mlsyskit.engine.llm_engine import LLMEngine
 from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
@@ -34,8 +35,14 @@ class LLM:
     ``paged=False`` gives each sequence one contiguous region of ``max_model_len`` tokens.
     ``quantization="int8"`` / ``"int4"`` / ``"int4-g64"`` quantizes the float weights (round to
     nearest) with :func:`mlsyskit.quant.quantize_`. ``kv_dtype``: the KV cache's dtype (default:
-    float16 for quantized weights, as llama.cpp does; else ``dtype``). The other arguments are
-    those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
+    float16 for quantized weights, as llama.cpp does; else ``dtype``).
+
+    KV tiers (:mod:`mlsyskit.engine.kv_tiers`): ``kv_offload="cpu"`` keeps full prefix blocks the
+    pool evicts in ``kv_offload_gib`` GiB of host memory (and swaps preempted sequences there);
+    ``"disk"`` adds memory-mapped files under ``kv_offload_dir`` (``kv_disk_gib`` GiB) that a
+    restarted engine reuses. ``preemption``: ``"auto"`` swaps or recomputes by the cost model
+    (:class:`~mlsyskit.engine.kv_cost.SwapPolicy`), ``"swap"``/``"recompute"`` force it. The
+    other arguments are those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
     """
 
     def __init__(
@@ -55,7 +62,14 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         quantization: str | None = None,
         kv_dtype: torch.dtype | str | None = None,
+        kv_offload: str | None = None,
+        kv_offload_gib: float = 4.0,
+        kv_disk_gib: float = 16.0,
+        kv_offload_dir: str | Path | None = None,
+        preemption: str = "auto",
+        kv_tier_prefix: bool = True,
     ) -> None:
+        check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)  # before the load
         native = dtype in (None, "auto") and quantization is None
         dtype = _dtype(dtype)
         if isinstance(model, Checkpoint):
@@ -80,8 +94,18 @@ class LLM:
             dtype=dtype,
             quantization=quantization,
             kv_dtype=None if kv_dtype is None else _dtype(kv_dtype),
+            kv_offload=kv_offload,
+            kv_offload_gib=kv_offload_gib,
+            kv_disk_gib=kv_disk_gib,
+            kv_offload_dir=kv_offload_dir,
+            preemption=preemption,
+            kv_tier_prefix=kv_tier_prefix,
         )
         self.tokenizer = ckpt.tokenizer
+
+    def close(self) -> None:
+        """Persist the KV disk tier (see :meth:`LLMEngine.close`); the LLM stays usable."""
+        self.engine.close()
 
     def generate(
         self,

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from mlsyskit.engine.attention import PagedKVCache
 from mlsyskit.engine.block_manager import BlockManager
+from mlsyskit.engine.kv_cost import SwapPolicy, measure_copy_bandwidth
+from mlsyskit.engine.kv_tiers import KVTiers, check_options, model_identity
 from mlsyskit.engine.model_runner import ModelRunner
 from mlsyskit.engine.outputs import RequestOutput
+from mlsyskit.engine.parallel import Group, ParallelRunner, wrap_tensor_parallel
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
@@ -58,9 +62,17 @@ class LLMEngine:
         dtype: torch.dtype = torch.float32,
         quantization: str | None = None,
         kv_dtype: torch.dtype | None = None,
+        parallel: Group | None = None,
+        kv_offload: str | None = None,
+        kv_offload_gib: float = 4.0,
+        kv_disk_gib: float = 16.0,
+        kv_offload_dir: str | Path | None = None,
+        preemption: str = "auto",
+        kv_tier_prefix: bool = True,
     ) -> None:
         if batching not in BATCHING:
             raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
+        check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)
         cfg = checkpoint.config
         self.config = cfg
         self.tokenizer = checkpoint.tokenizer
@@ -71,7 +83,12 @@ class LLMEngine:
                         ("max_prefill_tokens", max_prefill_tokens), ("max_num_seqs", max_num_seqs)):
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
-        self.model = build_transformer(cfg, checkpoint.state_dict, dtype, quantized_linear=quantized_linear)
+        mcfg, weights = cfg, checkpoint.state_dict
+        if parallel is not None:  # this rank's shard: its layers; with TP its heads and MLP columns
+            mcfg, weights = parallel.placement.shard(cfg, weights)
+        self.model = build_transformer(mcfg, weights, dtype, quantized_linear=quantized_linear)
+        if parallel is not None:
+            wrap_tensor_parallel(self.model, parallel)
         if quantization is not None:
             from mlsyskit.quant.linear import parse_quantization, quantize_
 
@@ -94,6 +111,8 @@ class LLMEngine:
         self.kv_dtype = kv_dtype
         self.kv_cache = None
         self.block_manager = None
+        self.kv_tiers: KVTiers | None = None
+        swap_policy = None
         if kv_cache:
             per_block = PagedKVCache.bytes_per_block(cfg.n_layers, block_size, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
             if num_kv_blocks is None:
@@ -102,13 +121,30 @@ class LLMEngine:
                 num_kv_blocks = max(full, min(want, DEFAULT_KV_BYTES // per_block))
             if num_kv_blocks < 1:
                 raise UserError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
-            self.kv_cache = PagedKVCache(cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
-            self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching)
+            # the same block count on every rank; each holds its layers' and KV heads' part
+            self.kv_cache = PagedKVCache(mcfg.n_layers, num_kv_blocks, block_size, mcfg.n_kv_heads, cfg.head_dim, kv_dtype)
+            if kv_offload is not None:
+                identity = model_identity(checkpoint.source, cfg.to_dict(), {
+                    "file_type": checkpoint.file_type, "dtype": str(dtype), "kv_dtype": str(kv_dtype),
+                    "quantization": quantization, "block_size": block_size,
+                })
+                self.kv_tiers = KVTiers(
+                    self.kv_cache.k, self.kv_cache.v, host_bytes=kv_offload_gib * 2**30, identity=identity,
+                    block_size=block_size, disk_dir=kv_offload_dir if kv_offload == "disk" else None,
+                    disk_bytes=kv_disk_gib * 2**30, prefix=kv_tier_prefix and prefix_caching,
+                )
+                if preemption != "recompute":
+                    swap_policy = SwapPolicy(preemption, per_block / block_size, measure_copy_bandwidth())
+            self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching, self.kv_tiers)
         self.scheduler = Scheduler(
             self.block_manager, batching=batching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
+            swap_policy=swap_policy,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        if parallel is not None:
+            self.runner: ModelRunner = ParallelRunner(self.model, self.kv_cache, parallel)
+        else:
+            self.runner = ModelRunner(self.model, self.kv_cache)
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(self.tokenizer.eos_ids)
         self.num_steps = 0
@@ -170,7 +206,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        t0 = time.perf_counter()
         tokens = self.runner.step(batch)
+        policy = self.scheduler.swap_policy
+        if policy is not None and all(n > 1 for _, n in batch):  # a pure prefill step: its rate
+            policy.observe_prefill(sum(n for _, n in batch), time.perf_counter() - t0)
         self.num_steps += 1
         now = time.perf_counter()
         updated: list[RequestOutput] = []
@@ -225,5 +265,27 @@ class LLMEngine:
         return dataclasses.replace(out, token_ids=list(out.token_ids))
 
     def kv_usage(self) -> dict[str, float]:
-        """Block-pool accounting (empty without a KV cache)."""
-        return self.block_manager.usage() if self.block_manager is not None else {}
+        """Block-pool accounting (empty without a KV cache); with KV tiers also ``tier_*``:
+        blocks per tier, bytes moved each way, hit rates per tier, seconds spent copying."""
+        out = self.block_manager.usage() if self.block_manager is not None else {}
+        if out:
+            out["preemptions"] = self.scheduler.num_preemptions
+            out["preemptions_swapped"] = self.scheduler.num_swaps
+        return out
+
+    def kv_tier_stats(self) -> dict[str, float]:
+        """The tiers' counters only (cheap: no walk over the pool's blocks); empty without tiers."""
+        if self.kv_tiers is None:
+            return {}
+        return {**self.kv_tiers.usage(), "preemptions": self.scheduler.num_preemptions,
+                "preemptions_swapped": self.scheduler.num_swaps}
+
+    def close(self) -> None:
+        """Write the pool's cached prefix blocks to the disk tier (so a restart finds them) and
+        wait for every queued write; a no-op without a disk tier."""
+        if self.kv_tiers is None or self.kv_tiers.disk is None:
+            return
+        for b in self.block_manager.blocks:
+            if b.key is not None and b.hash is not None:
+                self.kv_tiers.persist(b.block_id, b.key, b.token_ids)
+        self.kv_tiers.flush()

@@ -7,8 +7,10 @@ allow; a long prompt is split into chunks so it never stalls the decoders. While
 decoding there is no decoder to stall, and the budget is ``max_prefill_tokens`` (larger): many
 requests arriving at once are prefilled in a few large steps, as static batching does, instead
 of many small ones that each read every weight. When the KV pool runs out, the most recently
-admitted sequence is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed later (its generated tokens are kept).
+admitted sequence is preempted: it goes back to the front of the queue (its generated tokens
+are kept) and its blocks are freed, to be recomputed later, or, with a host tier and a
+:class:`~mlsyskit.engine.kv_cost.SwapPolicy` that prefers it, first swapped out, to be copied
+back when it is admitted again.
 
 ``static`` (the naive baseline): a batch of up to ``max_num_seqs`` requests is admitted only when
 the previous batch has completely finished; whole prompts are prefilled at once.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 
 from mlsyskit.engine.block_manager import BlockManager
+from mlsyskit.engine.kv_cost import SwapPolicy
 from mlsyskit.engine.sequence import Sequence, Status
 
 BATCHING = ("continuous", "static")
@@ -33,8 +36,10 @@ class Scheduler:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_prefill_tokens: int = 16384,
+        swap_policy: SwapPolicy | None = None,
     ) -> None:
-        self.bm = block_manager  # None: no KV cache (recompute mode), nothing to allocate
+        self.bm = block_manager
+        self.swap_policy = swap_policy  # None: preempted sequences are always recomputed  # None: no KV cache (recompute mode), nothing to allocate
         self.batching = batching
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -42,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swaps = 0  # preemptions that swapped out instead of dropping the KV
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,12 +68,17 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if self.bm is not None:
+            self.bm.drop_swapped(seq)
             self.bm.free_seq(seq)
         seq.num_computed = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release(seq)
+        p = self.swap_policy
+        if p is not None and seq.num_computed and p.prefer_swap(seq.num_computed) and self.bm.swap_out(seq):
+            self.num_swaps += 1
+        else:
+            self._release(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -106,7 +117,12 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.bm is not None:
+            if seq.swapped is not None:  # its KV comes back from the host tier
+                n = int(min(len(seq) - seq.num_computed, budget))
+                if self.bm.blocks_needed(seq.num_computed + n) > self.bm.num_free:
+                    break
+                self.bm.swap_in(seq)
+            elif self.bm is not None:
                 self.bm.match_prefix(seq)
             n = int(min(len(seq) - seq.num_computed, budget))
             if self.bm is not None:

@@ -23,7 +23,9 @@ class Sequence:
 
     ``num_computed`` counts the leading tokens whose keys/values are in the cache (computed or
     found by prefix caching); the scheduler computes the rest in chunks. After a preemption it
-    drops to 0 and the whole sequence, generated tokens included, is recomputed.
+    drops to 0 and the whole sequence, generated tokens included, is recomputed, unless its
+    blocks were swapped out to the host tier: then ``swapped`` holds their host slots and
+    ``num_computed`` is kept for when they come back.
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> None:
@@ -34,6 +36,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.swapped: list[int] | None = None  # host-tier slots of a swapped-out sequence
         self.num_computed = 0
         self.num_prefix_cached = 0  # tokens served from the prefix cache at (last) admission
         self.num_preemptions = 0
