@@ -9,7 +9,9 @@ import pytest
 
 from mlsyskit.cluster.routing import (
     ReplicaSpec,
+    StreamTokens,
     build_routing_policy,
+    completion_tokens,
     parse_replica_spec,
     request_tokens,
 )
@@ -82,3 +84,28 @@ def test_router_cli_rejects_a_bad_policy_in_one_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "mlsyskit", "router", "--backends", SMALL1, SMALL2, "--replica-spec", "kv=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "one per backend" in proc.stderr
+
+
+def test_output_lengths_read_from_answers() -> None:
+    assert completion_tokens(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 12}}') == 12
+    assert completion_tokens(b'{"choices": []}') is None and completion_tokens(b"not json") is None
+    chunk = 'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n'
+    events = "".join(chunk % w for w in ("a", "b", "", "c")) + "data: [DONE]\n\n"
+    counter = StreamTokens()
+    for i in range(0, len(events), 7):  # bytes arrive cut anywhere
+        counter.feed(events[i : i + 7].encode())
+    assert counter.tokens == 3  # the empty delta is no token
+    counter.feed(b'data: {"choices": [], "usage": {"completion_tokens": 4}}\n\n')
+    assert counter.tokens == 4  # the usage chunk, when the stream has one, is the count
+
+
+def test_predict_in_the_router_learns_from_finished_requests() -> None:
+    r = router("predict")
+    pol = r.policy
+    assert pol.describe() == {"name": "predict", "learned_from": 0, "predicted_output_tokens": 128}
+    for n in (40, 50, 60, 70, 80, 90, 100, 110, 120):
+        req = pol.request(prompt_tokens=100, max_tokens=None)
+        r.pick(req=req)
+        pol.finished(req, n)
+    assert pol.describe()["learned_from"] == 9
+    assert pol.policy.expected_output(pol.request(prompt_tokens=100, max_tokens=None)) == 80  # the median

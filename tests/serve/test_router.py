@@ -185,6 +185,33 @@ def test_streaming_through_the_router_gives_the_same_text(cluster) -> None:
     assert via.json()["choices"][0]["text"] == httpx.post(a + "/v1/completions", json=comp, timeout=60).json()["choices"][0]["text"]
 
 
+def test_predict_policy_learns_output_lengths_from_real_answers(cluster) -> None:
+    """A second router, `--policy predict`, over the same replicas: every answer's output length
+    (usage of a plain answer, content chunks of a stream) reaches the predictor."""
+    model, (a, b) = cluster["model"], cluster["servers"]
+    url, proc = start_router([a, b], cluster["folder"] / "router-predict.log", extra=("--policy", "predict"))
+    try:
+        assert backend_state(url)  # up
+        assert httpx.get(url + "/health", timeout=5).json()["policy"] == {"name": "predict", "learned_from": 0, "predicted_output_tokens": 128}
+        lengths = []
+        for i in range(3):
+            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": f"Story {i}:", "max_tokens": 5 + i, "temperature": 0, "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200
+            lengths.append(r.json()["usage"]["completion_tokens"])
+        for i in range(2):
+            with httpx.stream("POST", url + "/v1/completions", json={"model": model, "prompt": f"Tale {i}:", "max_tokens": 9, "temperature": 0, "ignore_eos": True, "stream": True}, timeout=60) as r:
+                assert r.status_code == 200
+                list(r.iter_lines())
+            lengths.append(9)
+        assert lengths[:3] == [5, 6, 7]
+        wait_for(lambda: httpx.get(url + "/health", timeout=5).json()["policy"]["learned_from"] == 5, 10, "five answers learned")
+        # fewer than 8 outputs per prompt bucket: the pooled window's median, 7 of [5, 6, 7, 9, 9]
+        assert httpx.get(url + "/health", timeout=5).json()["policy"]["predicted_output_tokens"] == 7
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_models_metrics_and_client_errors_pass_through(cluster) -> None:
     router, model = cluster["router"], cluster["model"]
     models = httpx.get(router + "/v1/models", timeout=10)

@@ -12,12 +12,15 @@ by commas: ``threads`` (its CPU threads: its relative speed), ``kv`` (its KV bud
 ``--num-kv-blocks`` x 16) and ``ctx`` (its ``--max-model-len``), e.g. ``threads=1,kv=4096,ctx=2048``.
 What a router cannot do that the simulator does: move a running request to another replica
 (``predict`` places by its prediction but does not migrate), and see output lengths it is not
-told (``oracle`` reads ``max_tokens`` as the true length).
+told (``oracle`` reads ``max_tokens`` as the true length). ``predict`` learns online as in the
+simulator: each answer's ``usage.completion_tokens`` (or, in a stream without usage, its count
+of content chunks, one token each) goes to :meth:`RoutingPolicy.finished`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +93,63 @@ class RoutingPolicy:
 
     def finished(self, req: RequestInfo, output_tokens: int) -> None:
         """Tell a learning policy (``predict``) how many tokens the request produced."""
+        self.learned += 1
         self.policy.on_finish(req, output_tokens)
+
+    learned = 0  # answers whose output length was passed to the policy
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as /health shows it: its name, the answers it learned from and, for
+        ``predict``, its current prediction of an output length (all prompt lengths pooled)."""
+        out: dict[str, Any] = {"name": self.name, "learned_from": self.learned}
+        predictor = getattr(self.policy, "predictor", None)
+        if predictor is not None:
+            out["predicted_output_tokens"] = predictor.predict(1 << 20)  # a bucket never seen: the pooled window
+        return out
+
+
+def completion_tokens(body: bytes) -> int | None:
+    """``usage.completion_tokens`` of an OpenAI JSON answer, None when it has none."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    n = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and n >= 0 else None
+
+
+class StreamTokens:
+    """The output length of an OpenAI SSE stream, fed its bytes as they pass: the usage chunk's
+    ``completion_tokens`` when the stream has one, else one token per chunk with content."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.chunks = 0
+        self.usage: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        *events, self._buf = self._buf.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                    continue
+                try:
+                    obj = json.loads(line[5:])
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                n = (obj.get("usage") or {}).get("completion_tokens") if isinstance(obj.get("usage"), dict) else None
+                if isinstance(n, int):
+                    self.usage = n
+                for c in obj.get("choices") or []:
+                    if isinstance(c, dict) and ((c.get("delta") or {}).get("content") or c.get("text")):
+                        self.chunks += 1
+
+    @property
+    def tokens(self) -> int:
+        return self.usage if self.usage is not None else self.chunks
 
 
 def request_tokens(body: Any) -> tuple[int, int | None]:

@@ -38,6 +38,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from mlsyskit.cluster.routing import StreamTokens, completion_tokens, request_tokens
 from mlsyskit.serve.disconnect import CancelOnDisconnect
 
 log = logging.getLogger("mlsyskit.router")
@@ -436,6 +437,8 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             "queue_depth": sum(_queue(b) for b in live),
             "running": sum(b.in_flight for b in live),
         }
+        if router.policy is not None:
+            body["policy"] = router.policy.describe()
         return JSONResponse(body, status_code=200 if live else 503)
 
     @app.get("/metrics")
@@ -501,8 +504,6 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
         cost = estimate_tokens(parsed) if request.method == "POST" else 0
         req = None
         if router.policy is not None and request.method == "POST":
-            from mlsyskit.cluster.routing import request_tokens
-
             req = router.policy.request(*request_tokens(parsed))
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASS_HEADERS}
         if request.url.query:
@@ -526,10 +527,16 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
             up.release()
             if resp.status_code == 200:
                 router.observe_latency(time.perf_counter() - t0)
+                if req is not None and (n := completion_tokens(resp.content)) is not None:
+                    router.policy.finished(req, n)  # a learning policy (predict) learns online
             return Response(resp.content, status_code=resp.status_code, headers=relay_headers(resp, b))
+
+        counter = StreamTokens() if req is not None else None
 
         async def relay() -> AsyncIterator[bytes]:
             if up.first:
+                if counter is not None:
+                    counter.feed(up.first)
                 yield up.first
             try:
                 while True:
@@ -541,6 +548,8 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
                         return
                     if chunk is None:
                         break
+                    if counter is not None:
+                        counter.feed(chunk)
                     yield chunk
             except httpx.TransportError as e:
                 # The replica failed mid-stream: bytes already reached the client, so the answer
@@ -551,6 +560,8 @@ def build_app(router: Router, *, lifespan_hooks: tuple[Callable[[], Awaitable[No
                 yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
                 return
             router.observe_latency(time.perf_counter() - t0)
+            if counter is not None:
+                router.policy.finished(req, counter.tokens)
 
         return _RelayResponse(up, relay(), status_code=200, headers=relay_headers(resp, b), media_type=resp.headers.get("content-type", "text/event-stream"))
 
