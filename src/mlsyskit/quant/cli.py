@@ -1,4 +1,4 @@
-"""`mlsyskit quantize` and `mlsyskit perplexity`.
+"""`mlsyskit quantize`, `mlsyskit perplexity` and `mlsyskit export-gguf`.
 
 Nothing heavy is imported at module level: this module is imported on every `mlsyskit` call.
 """
@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_progress_flag(p, "the windows")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     p.set_defaults(func=_perplexity)
+    register_export(sub)
 
 
 def _set_threads(n: int | None) -> None:
@@ -189,4 +190,31 @@ def _perplexity(args: argparse.Namespace) -> int:
     }
     print(json_dumps(out))
     sys.stdout.flush()
+    return 0
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    """Add `mlsyskit export-gguf`."""
+    e = sub.add_parser(
+        "export-gguf",
+        help="write a model as a GGUF file llama.cpp reads (float, or our quantized weights)",
+        description="Write any model the engine loads (a .gguf file, a Hugging Face directory, a "
+        "directory `mlsyskit quantize` wrote) as one GGUF file llama.cpp loads, with its tokenizer. "
+        "--dtype f32/f16 writes float weights (quantized ones dequantized): the reference "
+        "llama.cpp's own quantizer starts from. --dtype native keeps quantized weights in "
+        "llama.cpp's block formats where one has the same meaning (8-bit symmetric -> Q8_0, 4-bit "
+        "symmetric -> Q4_0, 4-bit asymmetric -> Q4_1; group sizes a multiple of 32), others as F32; "
+        "a GGUF source keeps its own tensors. Prints a JSON summary.",
+    )
+    e.add_argument("--model", default=None, metavar="PATH", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    e.add_argument("--dtype", choices=("f32", "f16", "native"), default="f32", help="how weights are stored (default: f32)")
+    e.add_argument("--out", required=True, metavar="FILE", help="the .gguf file to write (required; must not exist unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: off)")
+    e.set_defaults(func=_export_gguf)
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from mlsyskit.quant.gguf_export import export_gguf
+
+    print(json_dumps(export_gguf(args.model, args.out, args.dtype, overwrite=args.overwrite)))
     return 0
