@@ -1,4 +1,5 @@
-"""Secure aggregation: pairwise X25519 masks cancel in the sum, each masked update looks uniform."""
+"""Secure aggregation: masks cancel in the sum, each masked update looks uniform, Shamir shares
+recover the sum when clients drop, and a round below the threshold fails."""
 
 import json
 
@@ -31,6 +32,35 @@ def test_masks_cancel_in_the_sum_and_each_masked_update_looks_uniform():
     assert (again != masked[0]).mean() > 0.99
 
 
+def test_shamir_any_t_shares_rebuild_the_secret_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = secagg.shamir_split(secret, [1, 2, 3, 4, 5], t=3)
+    for pick in ([1, 2, 3], [2, 4, 5], [1, 3, 5, 4]):
+        assert secagg.shamir_join({x: shares[x] for x in pick}) == secret
+    with pytest.raises(secagg.SecAggError):  # two points of a degree-2 polynomial: a random field element
+        secagg.shamir_join({x: shares[x] for x in (1, 2)})
+
+
+def test_protocol_recovers_the_sum_when_clients_drop_and_fails_below_threshold():
+    rng = np.random.default_rng(1)
+    plain = {c: rng.normal(size=5000) * 10 for c in range(6)}
+    values = {c: secagg.encode(x) for c, x in plain.items()}
+    step = 6 * 2.0**-secagg.FRAC_BITS
+    total, u3 = secagg.run_in_process(values, rnd=2, attempt=0, t=4)
+    assert u3 == list(range(6)) and np.abs(total - sum(plain.values())).max() <= step
+    # client 2 vanishes after sharing (its pairwise masks are rebuilt from the others' shares of
+    # its key), client 4 after sending its masked input (its self mask is rebuilt): the sum of
+    # the five masked inputs that arrived, and only those
+    total, u3 = secagg.run_in_process(values, rnd=2, attempt=0, t=4, drop_before_mask={2}, drop_after_mask={4})
+    assert u3 == [0, 1, 3, 4, 5] and np.abs(total - sum(plain[c] for c in u3)).max() <= step
+    with pytest.raises(secagg.SecAggError, match="fewer than the threshold 5"):  # 3 answer the unmasking
+        secagg.run_in_process(values, rnd=2, attempt=0, t=5, drop_before_mask={2}, drop_after_mask={4, 5})
+    with pytest.raises(secagg.SecAggError, match="threshold"):  # a client refuses to unmask below t
+        s = secagg.ClientRound(0, 1, 0)
+        s.masked_set = [0, 1, 2]
+        s.unmask([0], t=2)
+
+
 def test_encode_refuses_non_finite_or_out_of_range():
     for bad in ([np.nan], [secagg.LIMIT]):
         with pytest.raises(ValueError):
@@ -50,7 +80,7 @@ def test_simulated_secagg_run_matches_plain_fedavg(tmp_path, data_dir):
         assert s["test_loss"] == pytest.approx(p["test_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(strategy="krum"), "needs each update"), (dict(dp_clip=1.0), "--dp-clip"), (dict(malicious=1), "--malicious")])
+@pytest.mark.parametrize("kw, msg", [(dict(strategy="krum"), "needs each update"), (dict(malicious=1), "--malicious"), (dict(secagg_threshold=6), "exceeds the 5")])
 def test_secagg_refuses_what_needs_individual_updates(kw, msg):
     with pytest.raises(UserError, match=msg):
-        FLConfig(clients=10, model="logreg", secagg=True, **kw).resolved()
+        FLConfig(clients=10, fraction=0.5, model="logreg", secagg=True, **kw).resolved()

@@ -20,7 +20,7 @@ from mlsyskit.fl.config import FLConfig
 from mlsyskit.runtime import add_progress_flag, show_progress
 
 FULL = "full"
-FAULTS = ("nan", "wrong-shape", "garbage", "oversize")  # mirrors grpc_client.FAULTS (kept light)
+FAULTS = ("nan", "wrong-shape", "garbage", "oversize", "drop-before-mask", "drop-after-mask")  # mirrors grpc_client.FAULTS (kept light)
 
 
 def _batch_size(text: str) -> int | str:

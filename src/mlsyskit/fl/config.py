@@ -43,10 +43,12 @@ class FLConfig:
     trim_ratio: float = _f(0.1, "fraction trimmed from each end per coordinate by trimmed-mean, in [0, 0.5)")
     krum_f: int = _f(1, "Byzantine clients tolerated by krum/multi-krum (needs more than 2f + 2 clients a round)")
     max_update_norm: float | None = _f(None, "clip each client's update (its model minus the global model) to this L2 norm before aggregation, as in DP-FedAvg; bounds what one client can move the model", metavar="C")
-    dp_clip: float | None = _f(None, "client-level differential privacy (DP-FedAvg): clip each update to this L2 norm, weight the round's clients equally and add Gaussian noise of std --dp-noise-multiplier x C to their sum; epsilon at --dp-delta goes to metrics.jsonl", metavar="C")
+    dp_clip: float | None = _f(None, "client-level differential privacy (DP-FedAvg): clip each update to this L2 norm, weight the round's clients equally and add Gaussian noise of std --dp-noise-multiplier x C to their sum (with --secagg each client adds its share of it); epsilon at --dp-delta goes to metrics.jsonl", metavar="C")
     dp_noise_multiplier: float | None = _f(None, "noise multiplier z of DP-FedAvg (needs --dp-clip; default 1.0 with --dp-clip)", metavar="Z")
     dp_delta: float = _f(1e-5, "delta at which the privacy accountant reports epsilon")
-    secagg: bool = _f(False, "secure aggregation (pairwise X25519 masks, fixed point mod 2^32): the server sees only masked updates and their sum; fedavg-family strategies only, no --malicious or --dp-clip; a round with a dropout reruns among those who answered")
+    secagg: bool = _f(False, "secure aggregation (SecAgg: pairwise X25519 masks, fixed point mod 2^32, Shamir shares of the mask keys): the server sees only masked updates and their sum, also when clients drop after sharing; fedavg-family strategies only, no --malicious")
+    secagg_threshold: int | None = _f(None, "--secagg: clients that must answer for the server to unmask a round's sum (Shamir threshold t; default: a majority of the clients sampled a round)", metavar="T")
+    compress: str | None = _f(None, "compress client updates on the wire: int8 (the update quantized by mlsyskit.quant, one scale per block of 256: ~4x fewer bytes up; not with --secagg)")
     malicious: int = _f(0, "number of malicious clients (a fixed, seeded subset)")
     attack: str = _f("sign-flip", "what malicious clients send: sign-flip, scale, noise, label-flip, nan")
     attack_scale: float = _f(10.0, "strength of sign-flip (-s * update), scale (s * update) and noise (std s * update std)")
@@ -124,8 +126,11 @@ class FLConfig:
         )
         if self.secagg:
             need(self.strategy not in ROBUST, f"--secagg: the server only sees the sum of masked updates; --strategy {self.strategy} needs each update (use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
-            need(self.dp_clip is None, "--secagg with --dp-clip needs noise distributed across clients, which is not implemented; use one or the other")
             need(self.malicious == 0, "--secagg hides each update from the server, so --malicious attacks cannot be simulated with it")
+        need(self.secagg_threshold is None or self.secagg, "--secagg-threshold needs --secagg")
+        need(self.compress in (None, "int8"), f"unknown --compress {self.compress!r}; choose int8")
+        need(not (self.compress and self.secagg), "--compress int8 with --secagg: masked updates are uniform 32-bit words and do not compress; use one or the other")
+        need(self.secagg_threshold is None or self.secagg_threshold >= 1, f"--secagg-threshold must be at least 1 (got {self.secagg_threshold})")
         need(self.malicious >= 0, f"--malicious must be >= 0 (got {self.malicious})")
         need(
             self.clients is None or self.malicious <= self.clients,
@@ -145,7 +150,12 @@ class FLConfig:
             from mlsyskit.fl.strategies import StrategyOptions, make_strategy
 
             strategy = make_strategy(self.strategy, StrategyOptions(krum_f=self.krum_f))
-            strategy.check_round_size(strategy.clients_per_round(self.clients, self.fraction))
+            per_round = strategy.clients_per_round(self.clients, self.fraction)
+            strategy.check_round_size(per_round)
+            need(
+                self.secagg_threshold is None or self.secagg_threshold <= per_round,
+                f"--secagg-threshold {self.secagg_threshold} exceeds the {per_round} clients sampled a round",
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,13 +3,17 @@
 The client gets the run's config from the server, splits the data with the same partitioner
 and seed as the simulation, keeps only its own part (by client id) and trains with the same
 client code (`simulation.train_clients`, same batch plan per (seed, round, client)), so a
-deployed run follows the simulation's trajectory. Fault flags (`delay`, `fault`) exist to test
-the server's deadline and its rejection of bad updates.
+deployed run follows the simulation's trajectory. Under --secagg it answers the server's four
+phases (`mlsyskit.fl.secagg`). Fault flags (`delay`, `fault`) exist to test the server's
+deadline, its rejection of bad updates and secure aggregation's dropout recovery (the
+``drop-*-mask`` faults SIGKILL the client process itself at that point of the protocol).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from mlsyskit.errors import UserError
-from mlsyskit.fl import wire
+from mlsyskit.fl import secagg, wire
 from mlsyskit.fl.config import FLConfig
 from mlsyskit.fl.simulation import (
     Federation,
@@ -31,7 +35,7 @@ from mlsyskit.fl.simulation import (
     train_clients,
 )
 
-FAULTS = ("nan", "wrong-shape", "garbage", "oversize")
+FAULTS = ("nan", "wrong-shape", "garbage", "oversize", "drop-before-mask", "drop-after-mask")
 
 
 @dataclass
@@ -83,8 +87,8 @@ class _Client:
                     raise UserError(f"{what} on {self.opts.server} failed: {code.name}: {details}") from None
                 time.sleep(0.5)
 
-    def join(self, pub: bytes) -> dict[str, Any]:
-        head = wire.header({"client_id": self.opts.client_id, "pub": pub.hex()})
+    def join(self) -> dict[str, Any]:
+        head = wire.header({"client_id": self.opts.client_id})
         reply = self.call("joining", lambda: self.join_rpc(head, metadata=self.md, timeout=10))
         return wire.parse_header(reply)
 
@@ -104,7 +108,7 @@ def _local_federation(cfg: FLConfig, client_id: int) -> Federation:
     return fed
 
 
-def _payload(w: torch.Tensor, fault: str | None) -> bytes:
+def _payload(w: torch.Tensor, fault: str | None, global_w: torch.Tensor, cfg: FLConfig) -> bytes:
     if fault == "nan":
         return wire.encode_model(torch.full_like(w, float("nan")))
     if fault == "wrong-shape":
@@ -113,16 +117,13 @@ def _payload(w: torch.Tensor, fault: str | None) -> bytes:
         return b"this is not a safetensors file" * 10
     if fault == "oversize":
         return wire.encode_model(torch.cat([w, w, w]))
-    return wire.encode_model(w)
+    return wire.encode_update(w, global_w, cfg.compress)
 
 
 def run_client(opts: ClientOptions) -> dict[str, Any]:
     """Join, then train and send until the server says the run is done; returns what it did."""
-    from mlsyskit.fl import secagg
-
     client = _Client(opts)
-    priv, pub = secagg.keypair()  # used only if the run has --secagg
-    info = client.join(pub)
+    info = client.join()
     names = {f.name for f in dataclasses.fields(FLConfig)}
     cfg = FLConfig(**{k: v for k, v in info["config"].items() if k in names})
     cfg = dataclasses.replace(cfg, data_dir=opts.data_dir, out=None, threads=opts.threads or cfg.threads)
@@ -130,8 +131,9 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
     if fed.num_params != info["num_params"]:
         raise UserError(f"this client's model has {fed.num_params} parameters, the server's {info['num_params']}")
     client.log(f"joined {opts.server}: {cfg.model} on {cfg.dataset}, {len(fed.data.train_x)} samples of its own")
-    done: list[Any] | None = None  # [server instance, round, attempt] last answered
+    done: list[Any] | None = None  # [server instance, round, attempt, phase] last answered
     rounds = 0
+    secure: dict[tuple[Any, int, int], tuple[Any, np.ndarray]] = {}  # --secagg: (server, round, attempt) -> (session, values)
     while True:
         msgs = client.call(
             "polling",
@@ -143,27 +145,52 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
             return {"rounds": rounds}
         if head["status"] != "train":
             continue
-        rnd, attempt = int(head["round"]), int(head["attempt"])
-        global_w = wire.decode_model(b"".join(msgs[1:]), fed.num_params)
-        client.log(f"round {rnd}: training")
-        t0 = time.perf_counter()
-        models, losses = train_clients(fed, rnd, global_w, np.array([opts.client_id]))
-        w = models[0]
-        if opts.client_id in fed.malicious:
-            w = poison_update(fed, rnd, opts.client_id, w, global_w)
-        train_s = time.perf_counter() - t0
-        if opts.delay:
-            time.sleep(opts.delay)
-        up = {"client_id": opts.client_id, "server": head.get("server"), "round": rnd, "attempt": attempt, "loss": float(losses[0]), "train_s": train_s}
-        if cfg.secagg:
-            peers = {int(k): bytes.fromhex(v) for k, v in head["peers"].items()}
-            values = secagg.encode(secagg_contribution(fed, opts.client_id, w, global_w))
-            payload = wire.encode_masked(secagg.mask(opts.client_id, values, priv, peers, rnd, attempt))
+        rnd, attempt, phase = int(head["round"]), int(head["attempt"]), head.get("phase", "train")
+        done = [head.get("server"), rnd, attempt, phase]
+        up: dict[str, Any] = {"client_id": opts.client_id, "server": head.get("server"), "round": rnd, "attempt": attempt, "phase": phase}
+        if phase == "train":
+            global_w = wire.decode_model(b"".join(msgs[1:]), fed.num_params)
+            client.log(f"round {rnd}: training")
+            t0 = time.perf_counter()
+            models, losses = train_clients(fed, rnd, global_w, np.array([opts.client_id]))
+            w = models[0]
+            if opts.client_id in fed.malicious:
+                w = poison_update(fed, rnd, opts.client_id, w, global_w)
+            if opts.delay:
+                time.sleep(opts.delay)
+            up.update(loss=float(losses[0]), train_s=time.perf_counter() - t0)
+            if cfg.secagg:  # send the round's public keys; the update goes masked in phase "mask"
+                session = secagg.ClientRound(opts.client_id, rnd, attempt)
+                secure = {(head.get("server"), rnd, attempt): (session, secagg.encode(secagg_contribution(fed, opts.client_id, w, global_w)))}
+                up["keys"], payload = session.advertise(), b""
+            else:
+                payload = _payload(w, opts.fault, global_w, cfg)
+            rounds += 1
         else:
-            payload = _payload(w, opts.fault)
+            state = secure.get((head.get("server"), rnd, attempt))
+            if state is None:
+                client.log(f"round {rnd}: no keys for attempt {attempt} (restarted?); skipping its {phase} phase")
+                continue
+            session, values = state
+            if phase == "mask" and opts.fault == "drop-before-mask":
+                client.log(f"round {rnd}: fault injection: dying before sending the masked update")
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                payload = b""
+                if phase == "share":
+                    up["shares"] = {str(v): ct for v, ct in session.share(head["keys"], int(head["t"])).items()}
+                elif phase == "mask":
+                    payload = wire.encode_masked(session.masked_input(values, head["masked_set"], head["held"]))
+                else:
+                    up["reveal"] = {str(v): r for v, r in session.unmask(head["survivors"], int(head["t"])).items()}
+            except (secagg.SecAggError, KeyError, TypeError, ValueError) as e:
+                client.log(f"round {rnd}: not answering the {phase} phase: {e}")
+                continue
         msgs_up = wire.stream(up, payload)
         reply = client.call("sending", lambda msgs_up=msgs_up: client.submit_rpc(iter(msgs_up), metadata=client.md, timeout=60))
         status = wire.parse_header(reply)
-        client.log(f"round {rnd}: sent {sum(len(m) for m in msgs_up)} bytes: {status['status']}" + (f" ({status['reason']})" if status.get("reason") else ""))
-        done = [head.get("server"), rnd, attempt]
-        rounds += 1
+        what = "masked update" if phase == "mask" else "update" if phase == "train" and not cfg.secagg else phase
+        client.log(f"round {rnd}: sent {sum(len(m) for m in msgs_up)} bytes ({what}): {status['status']}" + (f" ({status['reason']})" if status.get("reason") else ""))
+        if phase == "mask" and opts.fault == "drop-after-mask":
+            client.log(f"round {rnd}: fault injection: dying after sending the masked update")
+            os.kill(os.getpid(), signal.SIGKILL)

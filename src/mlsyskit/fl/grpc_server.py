@@ -5,7 +5,9 @@ simulation: the loop samples, the transport publishes the global model to the sa
 (who long-poll ``GetTask``), collects their models (``Submit``) until all answered or the
 round's deadline, and the loop rejects, aggregates, evaluates and checkpoints as it always
 does. A round where fewer than ``min_clients`` answered is retried (same clients, new
-deadline). Updates that are not a float32 vector of the model's size (malformed, oversize,
+deadline). Under ``--secagg`` a round runs the four phases of `mlsyskit.fl.secagg` (each
+bounded by the round timeout); clients that drop after sharing their keys are recovered from
+the others' Shamir shares, and an attempt that falls below the threshold is retried. Updates that are not a float32 vector of the model's size (malformed, oversize,
 wrong shape) are rejected here and logged with the client id; non-finite ones by the loop.
 Bytes are counted as the gRPC message payloads this server sends and receives.
 """
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 
 from mlsyskit.errors import UserError
-from mlsyskit.fl import wire
-from mlsyskit.fl.simulation import Collected, Federation
+from mlsyskit.fl import secagg, wire
+from mlsyskit.fl.simulation import Collected, Federation, secagg_threshold
 
 POLL_S = 10.0  # a GetTask long-poll answers "wait" after this long without a task
 
@@ -76,7 +78,10 @@ class _Task:
     attempt: int
     blob: bytes
     active: set[int]
-    peers: dict[int, str] = field(default_factory=dict)  # --secagg: the masked set's public keys (hex)
+    phase: str = "train"  # --secagg: train (then advertise keys), share, mask or unmask
+    t: int = 0  # --secagg: the threshold
+    head: dict[str, Any] = field(default_factory=dict)  # --secagg: what every client of the phase is told
+    per_client: dict[int, dict[str, Any]] = field(default_factory=dict)  # --secagg: what one client is told
     received: dict[int, tuple[Any, float, float]] = field(default_factory=dict)  # id -> (w, loss, train_s)
     malformed: dict[int, str] = field(default_factory=dict)  # id -> why
     bytes_up: int = 0
@@ -96,11 +101,11 @@ class GrpcTransport:
         self.task: _Task | None = None
         self.finished = False
         self.joined: dict[int, float] = {}
-        self.pubkeys: dict[int, str] = {}  # --secagg: each client's X25519 public key (hex)
         self.ready: set[int] = set()  # clients that have polled for a task (their data is loaded)
         self.told_done: set[int] = set()
         self.server: grpc.Server | None = None
         self.fed: Federation | None = None
+        self.global_w: torch.Tensor | None = None
         self.port = 0
         # names this server process in task ids, so a client that trained round r for a killed
         # server is served round r again by the resumed one
@@ -170,59 +175,27 @@ class GrpcTransport:
 
     def collect(self, fed: Federation, rnd: int, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray) -> Collected:
         blob = wire.encode_model(global_w)
+        self.global_w = global_w  # what --compress int8 updates are added to
+        if fed.cfg.secagg:
+            return self._collect_secure(fed, rnd, blob, [int(c) for c in active])
         ids = [int(c) for c in active]
         need = min(self.opts.min_clients, len(ids))
-        secure = fed.cfg.secagg
         tasks: list[_Task] = []
         attempt, retries = -1, 0
         while True:
             attempt += 1
-            if secure:  # the masked set: clients whose public key the server holds
-                ids = [c for c in ids if c in self.pubkeys]
-            task = _Task(rnd, attempt, blob, set(ids), peers={c: self.pubkeys[c] for c in ids} if secure else {})
+            task = self._phase(_Task(rnd, attempt, blob, set(ids)))
             tasks.append(task)
-            deadline = time.monotonic() + self.opts.round_timeout
-            with self.cond:
-                self.task = task
-                self.cond.notify_all()
-                while len(task.received) + len(task.malformed) < len(ids):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.cond.wait(left)
-                self.task = None  # from now on an update for this round is late
             answered = len(task.received) + len(task.malformed)
-            got = [c for c in ids if c in task.received]
-            if answered >= need and (not secure or len(got) == len(ids)):
+            if answered >= need:
                 break
-            if secure and len(got) >= need:
-                # masks cancel only over the whole masked set: rerun, re-keyed, among those who
-                # answered (the set shrinks each time, so this ends; it is not a retry)
-                _log(f"round {rnd}: secure aggregation needs every masked update; rerunning among clients {got}")
-                ids = got
-                continue
             retries += 1
-            _log(
-                f"round {rnd}: {answered} of {len(ids)} sampled clients answered within --round-timeout "
-                f"{self.opts.round_timeout:g} s, fewer than --min-clients {need}; "
-                + ("retrying" if retries <= self.opts.round_retries else "giving up")
-            )
-            if retries > self.opts.round_retries:
-                raise UserError(
-                    f"round {rnd}: fewer than --min-clients {need} clients answered in {retries} attempts; "
-                    "the run directory keeps the last checkpoint (continue with --resume)"
-                )
+            self._too_few(rnd, f"{answered} of {len(ids)} sampled clients answered", need, retries)
         got = [c for c in ids if c in task.received]
         missing = [int(c) for c in active if c not in task.received and c not in task.malformed]
         if missing:
             _log(f"round {rnd}: no update from client(s) {missing} by the deadline; closing the round with {len(got)}")
         p = fed.num_params
-        if secure:
-            return Collected(
-                ids=got, models=torch.zeros(0, p), losses=torch.tensor([task.received[c][1] for c in got], dtype=torch.float32),
-                train_s=max((task.received[c][2] for c in got), default=0.0), malformed=sorted(task.malformed), missing=missing,
-                masked=[task.received[c][0] for c in got], bytes_up=sum(t.bytes_up for t in tasks), bytes_down=sum(t.bytes_down for t in tasks),
-            )
         return Collected(
             ids=got,
             models=torch.stack([task.received[c][0] for c in got]) if got else torch.zeros(0, p),
@@ -232,6 +205,86 @@ class GrpcTransport:
             missing=missing,
             bytes_up=sum(t.bytes_up for t in tasks),
             bytes_down=sum(t.bytes_down for t in tasks),
+        )
+
+    def _phase(self, task: _Task) -> _Task:
+        """Publish `task`; wait until its clients all answered or --round-timeout passed."""
+        deadline = time.monotonic() + self.opts.round_timeout
+        with self.cond:
+            self.task = task
+            self.cond.notify_all()
+            while len(task.received) + len(task.malformed) < len(task.active):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            self.task = None  # from now on an answer for this phase is late
+        return task
+
+    def _too_few(self, rnd: int, what: str, need: int, retries: int) -> None:
+        """Log a failed round attempt; UserError once --round-retries are used up."""
+        giving_up = retries > self.opts.round_retries
+        _log(f"round {rnd}: {what} within --round-timeout {self.opts.round_timeout:g} s, fewer than {need}; "
+             + ("giving up" if giving_up else "retrying"))
+        if giving_up:
+            raise UserError(
+                f"round {rnd}: {what}, fewer than {need}, in {retries} attempts; "
+                "the run directory keeps the last checkpoint (continue with --resume)"
+            )
+
+    def _collect_secure(self, fed: Federation, rnd: int, blob: bytes, ids: list[int]) -> Collected:
+        """Secure aggregation (`mlsyskit.fl.secagg`); an attempt that ends below the threshold
+        is retried, re-keyed, among the clients still answering."""
+        t = secagg_threshold(fed)
+        need = max(t, min(self.opts.min_clients, len(ids)))
+        tasks: list[_Task] = []
+        live, attempt, retries = list(ids), -1, 0
+        while True:
+            attempt += 1
+            got = self._secure_attempt(fed, rnd, attempt, blob, live, ids, need, t, tasks) if len(live) >= need else (f"{len(live)} clients left", live)
+            if isinstance(got, Collected):
+                return got
+            what, live = got
+            retries += 1
+            self._too_few(rnd, f"secure aggregation: {what}", need, retries)
+
+    def _secure_attempt(
+        self, fed: Federation, rnd: int, attempt: int, blob: bytes, live: list[int], ids: list[int], need: int, t: int, tasks: list[_Task]
+    ) -> Collected | tuple[str, list[int]]:
+        """The four phases (train + keys, share, mask, unmask) once: the round's Collected, or
+        (what fell short, the clients still answering)."""
+        train = self._phase(_Task(rnd, attempt, blob, set(live), phase="train", t=t))
+        tasks.append(train)
+        u1 = [c for c in live if c in train.received]
+        if len(u1) < need:
+            return f"{len(u1)} clients advertised keys", u1
+        keys = {c: train.received[c][0] for c in u1}
+        share = self._phase(_Task(rnd, attempt, b"", set(u1), phase="share", t=t, head={"keys": keys}))
+        tasks.append(share)
+        u2 = [c for c in u1 if c in share.received and all(str(v) in share.received[c][0] for v in u1)]
+        if len(u2) < need:
+            return f"{len(u2)} clients shared their keys", u2
+        held = {c: {"held": {str(u): share.received[u][0][str(c)] for u in u2}} for c in u2}
+        masked = self._phase(_Task(rnd, attempt, b"", set(u2), phase="mask", t=t, head={"masked_set": u2}, per_client=held))
+        tasks.append(masked)
+        u3 = [c for c in u2 if c in masked.received]
+        if len(u3) < need:
+            return f"{len(u3)} masked updates arrived", u3
+        unmask = self._phase(_Task(rnd, attempt, b"", set(u3), phase="unmask", t=t, head={"survivors": u3}))
+        tasks.append(unmask)
+        try:
+            total = secagg.recover_sum({c: masked.received[c][0] for c in u3}, keys, u2, {c: v[0] for c, v in unmask.received.items()}, t, rnd, attempt)
+        except secagg.SecAggError as e:
+            return f"unmasking failed ({e})", [c for c in u3 if c in unmask.received]
+        gone = sorted(set(u2) - set(u3))
+        _log(f"round {rnd}: unmasked the sum of clients {u3} with {len(unmask.received)} answers (threshold {t})"
+             + (f"; recovered the masks of dropped client(s) {gone}" if gone else ""))
+        return Collected(
+            ids=u3, models=torch.zeros(0, fed.num_params),
+            losses=torch.tensor([train.received[c][1] for c in u3], dtype=torch.float32),
+            train_s=max((train.received[c][2] for c in u3), default=0.0), malformed=sorted(train.malformed),
+            missing=[c for c in ids if c not in u3 and c not in train.malformed], secure_sum=total,
+            bytes_up=sum(x.bytes_up for x in tasks), bytes_down=sum(x.bytes_down for x in tasks),
         )
 
     def close(self) -> None:
@@ -268,15 +321,9 @@ class GrpcTransport:
     def _join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         cid = self._auth(context)
         assert self.fed is not None
-        try:
-            pub = wire.parse_header(request).get("pub")
-        except ValueError:
-            pub = None
         with self.cond:
             first = cid not in self.joined
             self.joined[cid] = time.time()
-            if isinstance(pub, str) and len(pub) == 64:
-                self.pubkeys[cid] = pub
             self.cond.notify_all()
         _log(f"client {cid} {'joined' if first else 'rejoined'} from {context.peer()} ({len(self.joined)} joined)")
         return wire.header({"client_id": cid, "config": self.fed.cfg.to_json(), "num_params": self.fed.num_params})
@@ -299,10 +346,10 @@ class GrpcTransport:
                     head, task = {"status": "done"}, None
                     break
                 task = self.task
-                if task and cid in task.active and cid not in task.received and cid not in task.malformed and done != [self.instance, task.rnd, task.attempt]:
-                    head = {"status": "train", "round": task.rnd, "attempt": task.attempt, "server": self.instance, "bytes": len(task.blob)}
-                    if task.peers:
-                        head["peers"] = task.peers
+                if task and cid in task.active and cid not in task.received and cid not in task.malformed and done != [self.instance, task.rnd, task.attempt, task.phase]:
+                    head = {"status": "train", "round": task.rnd, "attempt": task.attempt, "phase": task.phase, "server": self.instance, "bytes": len(task.blob)}
+                    if self.fed.cfg.secagg:
+                        head.update(t=task.t, **task.head, **task.per_client.get(cid, {}))
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or not context.is_active():
@@ -314,6 +361,21 @@ class GrpcTransport:
             with self.cond:
                 task.bytes_down += sum(len(m) for m in msgs)
         yield from msgs
+
+    def _decode(self, task: _Task, head: dict[str, Any], blob: bytes) -> Any:
+        """What a client's submission for `task` carries; ValueError saying what is wrong."""
+        assert self.fed is not None
+        if not self.fed.cfg.secagg:
+            return wire.decode_update(blob, self.fed.num_params, self.global_w, self.fed.cfg.compress)
+        if task.phase == "mask":
+            return wire.decode_masked(blob, self.fed.num_params)
+        field_name = {"train": "keys", "share": "shares", "unmask": "reveal"}[task.phase]
+        value = head.get(field_name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"a {task.phase} answer without a {field_name!r} object")
+        if task.phase == "train" and not all(isinstance(value.get(k), str) and len(value[k]) == 64 for k in ("c", "s")):
+            raise ValueError("keys must be two 32-byte X25519 public keys in hex")
+        return value
 
     def _submit(self, request_iterator, context: grpc.ServicerContext) -> bytes:  # noqa: ANN001
         cid = self._auth(context)
@@ -329,9 +391,9 @@ class GrpcTransport:
             task = self.task
         current = (
             task is not None and head.get("server") == self.instance and head.get("round") == task.rnd
-            and head.get("attempt") == task.attempt and cid in task.active
+            and head.get("attempt") == task.attempt and head.get("phase", "train") == task.phase and cid in task.active
         )
-        limit = (len(task.blob) if task else 4 * self.fed.num_params + 4096) + 4096
+        limit = 4 * self.fed.num_params + 8192
         buf = bytearray()
         reason = None
         for msg in it:
@@ -346,8 +408,7 @@ class GrpcTransport:
         w = None
         if reason is None:
             try:
-                decode = wire.decode_masked if self.fed.cfg.secagg else wire.decode_model
-                w = decode(bytes(buf), self.fed.num_params)
+                w = self._decode(task, head, bytes(buf))
             except ValueError as e:
                 reason = str(e)
         loss = head.get("loss")

@@ -93,7 +93,7 @@ class Collected:
     train_s: float
     malformed: list[int] = field(default_factory=list)  # answered with something not a model
     missing: list[int] = field(default_factory=list)  # asked, but no answer by the deadline
-    masked: list[np.ndarray] | None = None  # --secagg: the clients' masked uint32 vectors (models is empty)
+    secure_sum: np.ndarray | None = None  # --secagg: the unmasked float64 sum of the clients' contributions (models is empty)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -109,7 +109,8 @@ class Transport(Protocol):
 
 
 class InProcess:
-    """The simulation: every client trains in this process (bytes counted as 4 * P per model)."""
+    """The simulation: every client trains in this process (bytes counted as 4 * P per model,
+    or the size of the encoded update under --compress)."""
 
     def start(self, fed: Federation) -> None:
         pass
@@ -122,17 +123,22 @@ class InProcess:
             if c in fed.malicious:
                 models[i] = poison_update(fed, rnd, int(c), models[i], global_w)
         size = 4 * fed.num_params
+        up = len(active) * size
+        if fed.cfg.compress:  # what the server rebuilds from each int8 update, and its real size
+            from mlsyskit.fl import compress, wire
+
+            up = sum(len(wire.encode_update(m, global_w, fed.cfg.compress)) for m in models)
+            models = torch.stack([compress.roundtrip(m, global_w) for m in models])
         if fed.cfg.secagg:
             from mlsyskit.fl import secagg
 
-            keys = {int(c): secagg.keypair() for c in active}
-            peers = {c: pub for c, (_, pub) in keys.items()}
-            masked = [
-                secagg.mask(int(c), secagg.encode(secagg_contribution(fed, int(c), models[i], global_w)), keys[int(c)][0], peers, rnd, 0)
-                for i, c in enumerate(active)
-            ]
+            values = {int(c): secagg.encode(secagg_contribution(fed, int(c), models[i], global_w)) for i, c in enumerate(active)}
+            try:
+                total, ids = secagg.run_in_process(values, rnd, 0, secagg_threshold(fed))
+            except secagg.SecAggError as e:
+                raise UserError(f"round {rnd}: secure aggregation failed: {e}") from None
             return Collected(
-                ids=active.tolist(), models=torch.zeros(0, fed.num_params), losses=losses, train_s=train_s, masked=masked,
+                ids=ids, models=torch.zeros(0, fed.num_params), losses=losses, train_s=train_s, secure_sum=total,
                 bytes_up=len(active) * size, bytes_down=len(sampled) * size,
             )
         return Collected(
@@ -140,7 +146,7 @@ class InProcess:
             models=models,
             losses=losses,
             train_s=train_s,
-            bytes_up=len(active) * size,
+            bytes_up=up,
             bytes_down=len(sampled) * size,
         )
 
@@ -148,14 +154,29 @@ class InProcess:
         pass
 
 
+def secagg_threshold(fed: Federation) -> int:
+    """--secagg-threshold, by default a majority of the clients sampled a round."""
+    from mlsyskit.fl import secagg
+
+    if fed.cfg.secagg_threshold is not None:
+        return fed.cfg.secagg_threshold
+    return secagg.default_threshold(fed.strategy.clients_per_round(len(fed.parts), fed.cfg.fraction))
+
+
 def secagg_contribution(fed: Federation, client: int, model: torch.Tensor, global_w: torch.Tensor) -> np.ndarray:
     """What a client masks under --secagg: its sample count times its update (clipped to
-    --max-update-norm by the client itself, as the server cannot see it)."""
+    --max-update-norm by the client itself, as the server cannot see it); under DP its update
+    clipped to --dp-clip (equal weights) plus its share of the round's Gaussian noise."""
+    cfg = fed.cfg
     delta = model.double() - global_w.double()
-    bound = fed.cfg.max_update_norm
-    if bound is not None:
-        delta = delta * min(1.0, bound / max(float(delta.norm()), 1e-300))
-    return (float(fed.counts[client]) * delta).numpy()
+    bounds = [b for b in (cfg.max_update_norm, cfg.dp_clip) if b is not None]
+    if bounds:
+        delta = delta * min(1.0, min(bounds) / max(float(delta.norm()), 1e-300))
+    if cfg.dp_clip is None:
+        return (float(fed.counts[client]) * delta).numpy()
+    from mlsyskit.fl.privacy import client_noise
+
+    return delta.numpy() + client_noise(len(delta), dp_noise(cfg), cfg.dp_clip, secagg_threshold(fed))
 
 
 def poison_update(fed: Federation, rnd: int, client: int, model: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
@@ -243,7 +264,7 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         down = len(sampled) * 4 * fed.num_params if isinstance(transport, InProcess) else 0
         return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0, dropped=dropout, bytes_down=down)
     got = transport.collect(fed, rnd, global_w, sampled, active)
-    if got.masked is not None:
+    if got.secure_sum is not None:
         return _secure_round(fed, global_w, sampled, active, got, dropout)
     answered = set(got.ids) | set(got.malformed)
     trained = [int(c) for c in active if int(c) in answered]
@@ -306,14 +327,14 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
 def _secure_round(
     fed: Federation, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray, got: Collected, dropout: list[int]
 ) -> RoundResult:
-    """Aggregate a --secagg round: the server unmasks only the sum of the clients' weighted updates."""
-    from mlsyskit.fl import secagg
-
+    """Aggregate a --secagg round: the transport unmasked only the sum of the clients' weighted updates."""
     trained = [int(c) for c in active if int(c) in set(got.ids)]
     new_w, note = global_w, None
     if got.ids:
-        total = torch.from_numpy(secagg.unmask_sum(got.masked or []))
-        mean_model = (global_w.double() + total / float(fed.counts[got.ids].sum())).to(global_w.dtype)
+        total = torch.from_numpy(got.secure_sum)
+        # DP-FedAvg weighs clients equally (their noise is already in the sum); else by samples
+        weight = float(len(got.ids)) if fed.cfg.dp_clip is not None else float(fed.counts[got.ids].sum())
+        mean_model = (global_w.double() + total / weight).to(global_w.dtype)
         saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
         new_w = fed.strategy.aggregate(global_w, mean_model[None], torch.ones(1))
         why = _uncommittable(global_w, new_w, torch.zeros(1), check_step=False)

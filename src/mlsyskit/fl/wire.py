@@ -59,6 +59,44 @@ def decode_model(blob: bytes, num_params: int) -> Any:
     return w
 
 
+CODES, SCALES = "q", "s"
+
+
+def encode_update(w: Any, global_w: Any, compress: str | None) -> bytes:
+    """What a client sends for its model `w`: the model itself, or (``int8``) its update from
+    `global_w` as int8 codes and bfloat16 block scales (`mlsyskit.fl.compress`)."""
+    if compress is None:
+        return encode_model(w)
+    from safetensors.torch import save
+
+    from mlsyskit.fl.compress import quantize_update
+
+    codes, scales = quantize_update(w - global_w)
+    return save({CODES: codes, SCALES: scales.bfloat16()})
+
+
+def decode_update(blob: bytes, num_params: int, global_w: Any, compress: str | None) -> Any:
+    """A client's float32 model from what it sent; ValueError saying what is wrong."""
+    if compress is None:
+        return decode_model(blob, num_params)
+    import torch
+    from safetensors.torch import load
+
+    from mlsyskit.fl.compress import BLOCK, dequantize_update
+
+    try:
+        tensors = load(blob)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a malformed update
+        raise ValueError(f"not a safetensors blob ({type(e).__name__})") from None
+    codes, scales = tensors.get(CODES), tensors.get(SCALES)
+    if codes is None or scales is None or len(tensors) != 2:
+        raise ValueError(f"expected tensors {CODES!r} and {SCALES!r} (an int8 update), got {sorted(tensors)[:5]}")
+    blocks = -(-num_params // BLOCK)
+    if codes.dtype != torch.int8 or tuple(codes.shape) != (num_params,) or scales.dtype != torch.bfloat16 or tuple(scales.shape) != (blocks,):
+        raise ValueError(f"wrong shape: int8 update {tuple(codes.shape)} with scales {tuple(scales.shape)}, expected ({num_params},) and ({blocks},)")
+    return global_w + dequantize_update(codes, scales)
+
+
 MASKED = "m"
 
 
