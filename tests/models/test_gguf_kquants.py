@@ -60,3 +60,41 @@ def test_smollm2_bits_per_weight(smollm2_path: Path) -> None:
     n_embd = int(np.prod(embd.shape))
     assert bits == pytest.approx((n - n_embd) * 5.0 + n_embd * 8.5)
     assert n == 134515008 - 30 * 2 * 576 - 576  # every parameter but the norm weights
+
+
+@pytest.fixture(scope="module")
+def wide_f32_gguf(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint) -> Path:
+    """A random 1-layer llama 256 wide (K-quants need rows of 256) with SmolLM2's vocabulary,
+    written as an F32 GGUF."""
+    import torch
+
+    from mlsyskit.models.config import TransformerConfig
+    from mlsyskit.models.gguf_export import write_gguf
+    from mlsyskit.models.transformer import build_transformer
+
+    cfg = TransformerConfig(arch="llama", vocab_size=smollm2_checkpoint.config.vocab_size, dim=256, n_layers=1,
+                            n_heads=4, n_kv_heads=2, hidden_dim=512, max_seq_len=128, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = build_transformer(cfg)
+    sd = {k: v + 0.02 * torch.randn_like(v) if v.dim() == 1 else v for k, v in model.state_dict().items()}
+    return write_gguf(tmp_path_factory.mktemp("wide") / "f32.gguf", cfg, sd, smollm2_checkpoint.tokenizer)
+
+
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q5_0", "Q5_1"])
+def test_llama_cpp_blocks_dequantize_exactly(wide_f32_gguf: Path, tmp_path: Path, ftype: str) -> None:
+    pytest.importorskip("llama_cpp")  # `make bench-deps` builds it; CI's `make test` does not
+    from mlsyskit.models.checkpoint import load_checkpoint
+    from mlsyskit.quant.llama_cpp_peer import quantize
+
+    path = quantize(wide_f32_gguf, tmp_path / f"{ftype}.gguf", ftype)
+    reader = GGUFFile(path)
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert ftype.split("_")[0] + "_" + ftype.split("_")[1] in kinds  # e.g. Q4_K blocks were written
+    for t in reader.tensors:
+        shape = tuple(reversed(t.shape))
+        ours = dequantize(t.data, t.tensor_type, shape).numpy()
+        assert np.array_equal(ours, gguf_dequantize(t.data, t.tensor_type).reshape(shape)), t.name
+    ckpt = load_checkpoint(path)  # loads whole, and the K-quant weight is close to the float one
+    ref = load_checkpoint(wide_f32_gguf).state_dict["layers.0.ffn.down.weight"]
+    err = (ckpt.state_dict["layers.0.ffn.down.weight"] - ref).norm() / ref.norm()
+    assert 0 < err < 0.5
