@@ -182,3 +182,48 @@ def test_worker_flags_forward_the_model_flags_only() -> None:
     for key, value in vars(args).items():
         if key not in ("replicas", "api_key", "threads", "port", "func"):
             assert getattr(again, key) == value, key
+
+
+def test_unequal_replicas_get_their_specs_and_the_policy_knows_them(tiny_llama_dir, tmp_path) -> None:
+    """`serve --replicas 2 --replica-spec A B`: each worker runs with its own KV budget and
+    context, and the length-class policy sends a request only the larger context holds there."""
+    log = tmp_path / "unequal.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLSYSKIT_API_KEY", None)
+    cmd = [sys.executable, "-m", "mlsyskit", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--no-rag",
+           "--replicas", "2", "--policy", "length-class",
+           "--replica-spec", "threads=1,kv=512,ctx=128", "threads=1,kv=2048,ctx=256"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (m := READY.search(log.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.05)
+        model, url = m.group(1), m.group(2)
+        assert "threads 1/1, router: policy length-class" in log.read_text()
+        backends = [b["url"] for b in httpx.get(url + "/health", timeout=5).json()["backends"]]
+        seen = {}
+        for b in backends:
+            ctx = httpx.get(b + "/v1/models", timeout=5).json()["data"][0]["max_model_len"]
+            seen[ctx] = (b, httpx.get(b + "/health", timeout=5).json())
+        assert sorted(seen) == [128, 256]  # each worker runs with its spec's context
+        assert seen[128][1]["kv_blocks_total"] == 512 // 16 and seen[256][1]["kv_blocks_total"] == 2048 // 16
+        # ~150 prompt tokens + 60: only the ctx=256 replica holds it; the router sends it there
+        body = {"model": model, "prompt": "word " * 150, "max_tokens": 60, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        served = {b["url"]: b["requests"] for b in httpx.get(url + "/health", timeout=5).json()["backends"]}
+        assert served[seen[256][0]] == 1 and served[seen[128][0]] == 0, served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text(errors="replace")
+
+
+def test_replica_specs_must_match_the_replicas(capsys) -> None:
+    from mlsyskit.cli import main
+
+    code = main(["serve", "--replicas", "2", "--replica-spec", "threads=1", "--port", "0", "--no-rag"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--replica-spec: give one per replica" in err and "Traceback" not in err

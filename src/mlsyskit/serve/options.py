@@ -40,6 +40,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="engine worker processes behind a router (default: 1, no router)")
     p.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="add/remove replicas between MIN and MAX from queue depth and latency (default: off)")
     p.add_argument("--policy", default=None, metavar="NAME", help="with --replicas/--autoscale: the router's placement policy from mlsyskit.cluster (random, round-robin, jsq, lot, length-class, best-fit, oracle, predict) (default: least outstanding tokens)")
+    p.add_argument("--replica-spec", nargs="+", default=None, metavar="SPEC", help="with --replicas N: one per replica, threads=N,kv=TOKENS,ctx=TOKENS (any subset): unequal workers (their --threads, --num-kv-blocks = kv/16, --max-model-len), and the policy knows which is which; the policy is lot unless --policy says (default: equal replicas)")
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,10 @@ Each replica is a separate `python -m mlsyskit serve` process on a loopback port
 engine, KV cache and GIL), started with the same model flags; the CPU threads are split between
 replicas (`--threads` total, default one per core, divided by the largest replica count so
 replicas never oversubscribe the cores). This process runs the router on `--host:--port`.
+With `--replica-spec SPEC...` (one per replica, ``threads=N,kv=TOKENS,ctx=TOKENS``) the replicas
+differ: each worker gets its spec's ``--threads``, ``--num-kv-blocks`` (KV tokens / 16) and
+``--max-model-len``, and the router's policy is told which replica is which (a small
+heterogeneous cluster on one machine).
 
 Cold start (process start -> first healthy /health) is measured and logged per replica: the
 engine memory-maps the GGUF and loads it once per process, so a new replica is ready in seconds.
@@ -51,7 +55,8 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 ROUTER_DRAIN_MARGIN_S = 5.0  # at shutdown, the router's deadline is the workers' plus this
 # serve flags that belong to this process, not to the workers
 # (the API key goes to the workers through the environment: a command line is visible in `ps`)
-_OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help", "policy"}
+_OWN = {"host", "port", "replicas", "autoscale", "threads", "api_key", "func", "command", "help", "policy", "replica_spec"}
+KV_BLOCK_TOKENS = 16  # the engine's block size: a spec's kv tokens -> --num-kv-blocks
 
 
 def worker_flags(args: argparse.Namespace) -> list[str]:
@@ -120,6 +125,7 @@ class Worker:
     ready_s: float | None = None  # cold start: process start -> healthy
     stopping: bool = False
     terminated: bool = False  # SIGTERM sent
+    spec: Any = None  # its cluster.routing.ReplicaSpec with --replica-spec, else None
 
     @property
     def url(self) -> str:
@@ -138,10 +144,12 @@ class ReplicaManager:
         autoscaler: Autoscaler | None = None,
         poll_interval: float = 1.0,
         ready_timeout: float = READY_TIMEOUT_S,
+        specs: list[Any] | None = None,
     ) -> None:
         self.router = router
+        self.specs = list(specs or [])  # ReplicaSpec per initial replica (--replica-spec)
         self.flags = flags
-        self.threads = threads_per_replica
+        self.per_replica_threads = threads_per_replica
         self.initial = replicas
         self.autoscaler = autoscaler
         self.poll_interval = poll_interval
@@ -154,23 +162,36 @@ class ReplicaManager:
         self._task: asyncio.Task | None = None
         self._closing = False
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "mlsyskit", "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads), "--replicas", "1"]
+    def command(self, spec: Any = None) -> list[str]:
+        """A worker's command line; a spec's threads, KV budget and context come last (they win)."""
+        cmd = [sys.executable, "-m", "mlsyskit", "serve", *self.flags, "--host", "127.0.0.1", "--port", "0", "--threads", str(self.threads(spec)), "--replicas", "1"]
+        if spec is not None:
+            from mlsyskit.cluster.routing import UNBOUNDED
+
+            if spec.kv_tokens != UNBOUNDED:
+                cmd += ["--num-kv-blocks", str(max(1, spec.kv_tokens // KV_BLOCK_TOKENS))]
+            if spec.max_model_len != UNBOUNDED:
+                cmd += ["--max-model-len", str(spec.max_model_len)]
+        return cmd
+
+    def threads(self, spec: Any = None) -> int:
+        return self.per_replica_threads if spec is None else max(1, round(spec.threads))
 
     def ready(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.ready_s is not None and not w.stopping]
 
-    async def start_worker(self) -> Worker | None:
-        """Start one replica, wait until it is healthy, put it in rotation; None if it failed."""
+    async def start_worker(self, spec: Any = None) -> Worker | None:
+        """Start one replica (unequal: with its ``spec``), wait until it is healthy, put it in
+        rotation (telling the policy its spec); None if it failed."""
         import httpx
 
         self._next += 1
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads(spec)))
         env.pop("MLSYSKIT_API_KEY", None)
         if self.router.api_key:
             env["MLSYSKIT_API_KEY"] = self.router.api_key
-        proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
-        w = Worker(self._next, proc)
+        proc = subprocess.Popen(self.command(spec), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig)  # noqa: PLW1509
+        w = Worker(self._next, proc, spec=spec)
         threading.Thread(target=_relay, args=(w,), daemon=True).start()
         self.workers[w.index] = w
         deadline = w.started + self.ready_timeout
@@ -190,6 +211,8 @@ class ReplicaManager:
                     if w.port is not None and (await client.get(w.url + "/health", headers=self.router._auth())).status_code == 200:
                         w.ready_s = time.monotonic() - w.started
                         self.cold_starts.append(w.ready_s)
+                        if spec is not None and self.router.policy is not None:
+                            self.router.policy.specs[w.url] = spec
                         self.router.add_backend(w.url)
                         log.warning("replica %d ready on %s (pid %d): cold start %.2f s", w.index, w.url, proc.pid, w.ready_s)
                         return w
@@ -241,7 +264,8 @@ class ReplicaManager:
 
     async def start(self) -> None:
         """Start the initial replicas (in parallel) and the watch/scale loop."""
-        results = await asyncio.gather(*(self.start_worker() for _ in range(self.initial)))
+        specs = self.specs or [None] * self.initial
+        results = await asyncio.gather(*(self.start_worker(spec) for spec in specs))
         if not any(results):
             raise UserError("no replica could be started; see the errors above")
         self._task = asyncio.create_task(self._loop())
@@ -389,6 +413,12 @@ def serve_replicated(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be at least 1, got {total}")
     per = max(1, total // most)
     flags = worker_flags(args)
+    from mlsyskit.cluster.routing import parse_replica_spec
+
+    spec_texts = getattr(args, "replica_spec", None) or []
+    if spec_texts and (scaler is not None or len(spec_texts) != initial):
+        raise UserError(f"--replica-spec: give one per replica with --replicas N (N={initial}, got {len(spec_texts)}), not with --autoscale")
+    specs = [parse_replica_spec(t) for t in spec_texts]
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
@@ -398,12 +428,14 @@ def serve_replicated(args: argparse.Namespace) -> int:
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     api_key = getattr(args, "api_key", None) or os.environ.get("MLSYSKIT_API_KEY") or None
-    from mlsyskit.cluster.routing import build_routing_policy
+    from mlsyskit.cluster.routing import RoutingPolicy, build_routing_policy
 
     policy = build_routing_policy(getattr(args, "policy", None), [], None)
+    if specs and policy is None:  # unequal replicas: a policy that reads their specs
+        policy = RoutingPolicy("lot")
     routing = f"policy {policy.name}" if policy else "least outstanding tokens"
     router = Router([], api_key=api_key, policy=policy)
-    manager = ReplicaManager(router, flags, per, initial, scaler, poll_interval=interval)
+    manager = ReplicaManager(router, flags, per, initial, scaler, poll_interval=interval, specs=specs)
     router.extra_metrics = manager.metrics
     failed: list[str] = []
     mode = f"autoscale {scaler.min}..{scaler.max}" if scaler else f"replicas={initial}"
@@ -418,7 +450,8 @@ def serve_replicated(args: argparse.Namespace) -> int:
         name = await _model_name(router)
         cs = ", ".join(f"{c:.1f}s" for c in manager.cold_starts)
         # the same ready line as a single `mlsyskit serve`, so scripts can wait for it
-        print(f"serving {name} on http://{shown}:{bound_port} ({mode}, {per} thread(s) each, router: {routing}, cold starts {cs})", flush=True)
+        each = f"threads {'/'.join(str(manager.threads(x)) for x in specs)}" if specs else f"{per} thread(s) each"
+        print(f"serving {name} on http://{shown}:{bound_port} ({mode}, {each}, router: {routing}, cold starts {cs})", flush=True)
 
     app = build_app(router, lifespan_hooks=(start, manager.close))
     log.warning("starting %s (%d thread(s) each) behind the router on http://%s:%d", mode, per, shown, bound_port)
