@@ -1,4 +1,5 @@
-"""`mlsyskit fl server|client|launch`: federated learning across processes over gRPC.
+"""`mlsyskit fl server|client|launch|collective`: federated learning across processes (gRPC or
+torch.distributed).
 
 Imported on every `mlsyskit` invocation: nothing heavy at module level (grpc, torch and the
 round loop are imported inside the handlers). The server takes every round and strategy flag
@@ -150,6 +151,42 @@ def _client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collective(args: argparse.Namespace) -> int:
+    """One rank of a torch.distributed run: rank 0 runs the round loop, the others train clients."""
+    given, full = _config(args)
+    if args.join_timeout <= 0:
+        raise UserError("--join-timeout must be positive")
+    if not args.resume:  # every rank checks the flags before any waits for the others
+        cfg = FLConfig(**given)
+        if full:
+            cfg.batch_size = None
+        if cfg.resolved().secagg or cfg.compress:
+            raise UserError("--secagg and --compress need the gRPC transport (fl server / fl launch); the collective transport sends float32 models")
+    from mlsyskit.fl import collective
+
+    rank, world = collective.init(args.join_timeout)
+    try:
+        if rank != 0:
+            print(json.dumps(collective.serve_rank(rank, world)))
+            return 0
+        from mlsyskit.fl.simulation import resume, run
+
+        transport = collective.CollectiveTransport()
+        progress = show_progress(args.progress)
+        if args.resume:
+            if full:
+                given["batch_size"] = None
+            summary = resume(args.resume, given, progress=progress, transport=transport)
+        else:
+            summary = run(cfg, progress=progress, transport=transport)
+        _print_summary(summary)
+        return 0
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def _launch(args: argparse.Namespace) -> int:
     """A server and one client process per client id on this machine, over loopback."""
     import subprocess
@@ -167,9 +204,16 @@ def _launch(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "mlsyskit", "fl"]
     flags = []
     for k, v in given.items():
-        flags += ["--" + k.replace("_", "-"), str(v)]
+        if isinstance(v, bool):  # an on/off switch (--secagg) takes no value
+            flags += ["--" + k.replace("_", "-")] if v else []
+        else:
+            flags += ["--" + k.replace("_", "-"), str(v)]
     if full:
         flags += ["--batch-size", FULL]
+    if args.transport == "torchdist":
+        return _launch_ranks(args, argv, flags, args.ranks or n + 1)
+    if args.ranks is not None:
+        raise UserError("--ranks is for --transport torchdist")
     with tempfile.TemporaryDirectory(prefix="mlsyskit-fl-") as tmp:
         port_file = Path(tmp) / "port"
         server = subprocess.Popen(
@@ -205,13 +249,47 @@ def _launch(args: argparse.Namespace) -> int:
     return rc
 
 
+def _launch_ranks(args: argparse.Namespace, argv: list[str], flags: list[str], world: int) -> int:
+    """`fl collective` ranks 0..world-1 on this machine (torchrun's environment, gloo on loopback)."""
+    import socket
+    import subprocess
+
+    if world < 2:
+        raise UserError(f"--ranks must be at least 2: the server and a client rank (got {world})")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs: list[subprocess.Popen] = []
+    rc = 1
+    try:
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen(
+                [*argv, "collective", "--join-timeout", str(args.join_timeout),
+                 "--progress" if show_progress(args.progress) and rank == 0 else "--no-progress", *flags],
+                env=env, stdout=None if rank == 0 else subprocess.DEVNULL,
+            ))
+        rc = procs[0].wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    p.wait(timeout=30 if rc == 0 else 5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    return rc
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `mlsyskit fl` and its subcommands to the top-level parser."""
     fl = sub.add_parser(
         "fl",
-        help="federated learning across processes and machines: a gRPC server and client processes",
+        help="federated learning across processes and machines: a gRPC server and client processes, or torch.distributed ranks",
         description="The round loop of `mlsyskit fedavg` with its clients in other processes over gRPC: "
-        "`fl server` (run directory as fedavg's), `fl client` (one per client id), `fl launch` (both on one machine).",
+        "`fl server` (run directory as fedavg's), `fl client` (one per client id), `fl launch` (both on one machine); "
+        "or over torch.distributed: `fl collective` (one rank, under torchrun).",
     )
     fsub = fl.add_subparsers(dest="fl_command", metavar="SUBCOMMAND", parser_class=type(fl))
     fsub.required = True
@@ -260,7 +338,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Starts `fl server --insecure` on a free loopback port and `fl client` for ids 0..N-1 "
         "(N = --clients), and waits for the run to finish. Takes the server's flags.",
     )
+    la.add_argument("--transport", choices=("grpc", "torchdist"), default="grpc",
+                    help="grpc: a server and client processes; torchdist: `fl collective` ranks over torch.distributed (gloo) (default: grpc)")
+    la.add_argument("--ranks", type=int, default=None, metavar="W",
+                    help="--transport torchdist: processes, the server and W-1 client ranks (default: --clients + 1)")
     _add_round_flags(la)
     _add_config_flags(la)
     add_progress_flag(la, "rounds")
     la.set_defaults(func=_launch, interrupted=interrupted)
+
+    co = fsub.add_parser(
+        "collective",
+        help="one rank of a torch.distributed run (under torchrun): rank 0 the server, the others clients",
+        description="Cross-silo mode: `torchrun --nproc-per-node W -m mlsyskit fl collective ...`. Rank 0 runs the "
+        "round loop of fedavg (same run directory) and gets the client ranks' models with broadcast/gather over "
+        "gloo; clients are dealt round-robin to ranks 1..W-1. No deadlines: every rank must stay up.",
+    )
+    co.add_argument("--join-timeout", type=float, default=300.0, metavar="S",
+                    help="timeout of the process group: for all ranks to start, and for any one collective (default: 300)")
+    co.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR from its last checkpoint (rank 0) (default: off)")
+    _add_config_flags(co)
+    add_progress_flag(co, "rounds")
+    co.set_defaults(func=_collective, interrupted=interrupted)
