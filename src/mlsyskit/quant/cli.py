@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the quantization subcommands to the top-level parser."""
     q = sub.add_parser(
         "quantize",
-        help="quantize a model's linear weights (RTN or AWQ) into a directory the engine loads",
+        help="quantize a model's linear weights (RTN, AWQ, GPTQ) into a directory the engine loads",
         description="Quantize the linear layers of a checkpoint to 8, 4, 3 or 2 bits, weight only, "
         "and write a loadable directory: model.safetensors (bit-packed codes, scales, zero points and "
         "the plain tensors) with quant_config.json (the scheme of every tensor), config.json and the "
@@ -39,9 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="min/max scales with a zero point per scale (default)")
     q.add_argument("--scale-dtype", choices=("float16", "bfloat16"), default="float16", help="dtype the scales are stored in (default: float16)")
     q.add_argument("--lm-head", choices=("same", "int8", "float"), default="same", help="the output projection (for tied embeddings a quantized copy of the embedding): same = like the other layers, int8 = 8 bits per channel (llama.cpp also keeps it at higher precision), float = not quantized (default: same)")
-    q.add_argument("--method", choices=("rtn", "awq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024) calibrated on --calib (default: rtn)")
-    q.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate AWQ on (default: Python's built-in documentation topics, pydoc_data)")
-    q.add_argument("--calib-windows", type=int, default=32, metavar="N", help="number of calibration windows AWQ samples from the text (default: 32)")
+    q.add_argument("--method", choices=("rtn", "awq", "gptq", "awq-gptq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024); gptq: column by column with Hessian error compensation (Frantar et al. 2022); awq-gptq: AWQ's scales, then GPTQ; all but rtn calibrate on --calib (default: rtn)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize the columns with the largest activations first (default: off)")
+    q.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate AWQ/GPTQ on (default: Python's built-in documentation topics, pydoc_data)")
+    q.add_argument("--calib-windows", type=int, default=32, metavar="N", help="number of calibration windows sampled from the text (default: 32)")
     q.add_argument("--calib-window-len", type=int, default=256, metavar="T", help="tokens per calibration window (default: 256)")
     add_progress_flag(q, "the layers during AWQ")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: off)")
@@ -115,8 +116,10 @@ def _quantize(args: argparse.Namespace) -> int:
     for flag, v in (("--calib-windows", args.calib_windows), ("--calib-window-len", args.calib_window_len)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1, got {v}")
-    if args.calib is not None and args.method != "awq":
-        raise UserError("--calib is only used by --method awq")
+    if args.calib is not None and args.method == "rtn":
+        raise UserError("--calib is only used by the calibrated methods (awq, gptq, awq-gptq)")
+    if args.act_order and not args.method.endswith("gptq"):
+        raise UserError("--act-order is only used by --method gptq or awq-gptq")
     _set_threads(args.threads)
     from mlsyskit.quant.model_io import quantize_checkpoint
     from mlsyskit.quant.perplexity import read_text
@@ -134,6 +137,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calib_window_len=args.calib_window_len,
         progress=show_progress(args.progress),
         overwrite=args.overwrite,
+        act_order=args.act_order,
     )
     print(json_dumps(summary))
     return 0

@@ -240,7 +240,7 @@ def _replace_dir(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-METHODS = ("rtn", "awq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 HEADS = ("same", "int8", "float")
 
 
@@ -297,12 +297,14 @@ def quantize_checkpoint(
     calib_window_len: int = 256,
     progress: bool = False,
     overwrite: bool = False,
+    act_order: bool = False,
 ) -> dict[str, Any]:
     """Load ``source`` (GGUF, HF or None for the embedded default), quantize its linear layers
-    with ``config`` by round-to-nearest (``"rtn"``) or AWQ (``"awq"``, calibrated on
-    ``calib_windows`` windows of ``calib_window_len`` tokens of ``calib_text``; None: the
-    default text), the output projection as ``lm_head`` says (:func:`split_head`; AWQ does
-    not scale it), write it to ``out`` with :func:`save_model_dir`, reload it and check the
+    with ``config`` by round-to-nearest (``"rtn"``), AWQ (``"awq"``), GPTQ (``"gptq"``, with
+    ``act_order`` optionally) or AWQ's scales then GPTQ (``"awq-gptq"``), the last three
+    calibrated on ``calib_windows`` windows of ``calib_window_len`` tokens of ``calib_text``
+    (None: the default text); the output projection as ``lm_head`` says (:func:`split_head`;
+    AWQ does not scale it, GPTQ quantizes it with "same"), write it to ``out`` with :func:`save_model_dir`, reload it and check the
     logits are identical. Returns a JSON-able summary."""
     import time
 
@@ -321,14 +323,21 @@ def quantize_checkpoint(
     body, head = split_head(config, lm_head)
     effective = check_fits(model, body)
     calibration = None
-    if method == "awq":
-        from mlsyskit.quant.awq import awq_
+    if method != "rtn":
         from mlsyskit.quant.calibration import calibration_windows, default_calibration_text
 
         text = default_calibration_text() if calib_text is None else calib_text
         ids = calibration_windows(ckpt.tokenizer, text, n_windows=calib_windows, window=calib_window_len)
         calibration = {"text": calib_name, "windows": int(ids.shape[0]), "window": int(ids.shape[1])}
-        awq_(model, ids, body, progress=progress)
+        if method.startswith("awq"):
+            from mlsyskit.quant.awq import awq_
+
+            # AWQ+GPTQ: AWQ's scales folded in (exact), then GPTQ rounds instead of RTN
+            awq_(model, ids, body, progress=progress, quantize=method == "awq")
+        if method.endswith("gptq"):
+            from mlsyskit.quant.gptq import gptq_
+
+            gptq_(model, ids, body, act_order=act_order, progress=progress)
     else:
         quantize_(model, body)
     if head is not None:
@@ -342,6 +351,7 @@ def quantize_checkpoint(
         "fit_group_size": config.fit_group_size,
         "effective_group_size": effective,
         "calibration": calibration,
+        "act_order": act_order if method.endswith("gptq") else None,
         "source": ckpt.source,
         "source_file_type": ckpt.file_type,
     }
