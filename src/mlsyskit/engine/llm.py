@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from mlsyskit.engine.kv_tiers import check_options
 from mlsyskit.engine.llm_engine import LLMEngine
 from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
+from mlsyskit.engine.worker import start_parallel, wait_ready
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint, default_model_path
 from mlsyskit.quant import kernels
@@ -68,6 +70,9 @@ class LLM:
         kv_offload_dir: str | Path | None = None,
         preemption: str = "auto",
         kv_tier_prefix: bool = True,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        parallel_timeout: float = 60.0,
     ) -> None:
         check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)  # before the load
         native = dtype in (None, "auto") and quantization is None
@@ -79,8 +84,7 @@ class LLM:
             if native and not kernels.available() and ckpt.source.endswith(".gguf"):
                 kernels.warn_unavailable("GGUF weights are dequantized to float32 on load")
         self.checkpoint = ckpt
-        self.engine = LLMEngine(
-            ckpt,
+        settings = dict(
             kv_cache=kv_cache,
             batching=batching,
             block_size=block_size,
@@ -101,11 +105,35 @@ class LLM:
             preemption=preemption,
             kv_tier_prefix=kv_tier_prefix,
         )
+        # ranks > 1: spawn the workers first, so they load while this process does
+        self._parallel = start_parallel(
+            ckpt, native and kernels.available(), tensor_parallel_size, pipeline_parallel_size, settings,
+            pickle_checkpoint=isinstance(model, Checkpoint), timeout=parallel_timeout, quantization=quantization,
+        )
+        try:
+            self.engine = LLMEngine(ckpt, **settings, parallel=self._parallel)
+            if self._parallel is not None:
+                wait_ready(self._parallel)
+        except BaseException:
+            if self._parallel is not None:
+                self._parallel.close()
+            raise
+        if self._parallel is not None:  # garbage-collected without close(): stop the workers
+            weakref.finalize(self, self._parallel.close)
         self.tokenizer = ckpt.tokenizer
 
     def close(self) -> None:
-        """Persist the KV disk tier (see :meth:`LLMEngine.close`); the LLM stays usable."""
+        """Persist the KV disk tier (see :meth:`LLMEngine.close`); the LLM stays usable, except
+        a parallel one: its worker processes stop."""
         self.engine.close()
+        if self._parallel is not None:
+            self._parallel.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,

@@ -67,6 +67,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache | None, fused: bool = True) -> None:
         self.model = model
         self.kv = kv
+        self.logits_log: list[tuple[tuple[int, ...], Tensor]] | None = None  # a list: (tokens, logits) of each sample
         # decode-only steps of a quantized Llama-family model: one C call per layer
         self.fused = FusedDecoder(model, kv) if fused and FusedDecoder.supports(model, kv) else None
 
@@ -187,6 +188,8 @@ class ModelRunner:
             return [None] * len(batch)
         logits = torch.stack([rows[i] for i in idx])
         seqs = [batch[i][0] for i in idx]
+        if self.logits_log is not None:  # tests compare the logits of two engines
+            self.logits_log.extend((tuple(s.token_ids), row.clone()) for s, row in zip(seqs, logits, strict=True))
         toks = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         out: list[int | None] = [None] * len(batch)
         for i, t in zip(idx, toks, strict=True):
