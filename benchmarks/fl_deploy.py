@@ -1,0 +1,334 @@
+"""Federated learning deployed across processes: mlsyskit's gRPC runtime against Flower's.
+
+One experiment, every system as real processes on 127.0.0.1: MNIST-5k split IID over 10
+clients (mlsyskit.data.partition, seed 0), all 10 trained every round, E=1, B=10, plain SGD
+lr 0.05, McMahan's 2NN (199,210 parameters, same init), central test accuracy each round.
+
+  ours            `mlsyskit fl launch --clients 10` (a server + 10 client processes, gRPC)
+  ours-secagg     the same with --secagg (SecAgg with Shamir recovery, threshold 6)
+  ours-int8       the same with --compress int8
+  ours-dp         the same with --dp-clip 1 --dp-noise-multiplier 0.1 (server noise)
+  ours-secagg-dp  --secagg and DP: the clients add the noise
+  ours-torchdist  `fl launch --transport torchdist --ranks 11` (gloo broadcast/gather)
+  flower          Flower's Deployment Runtime: flower-superlink + 10 flower-supernode, the
+                  App (fl_deploy_flower_app.py, Message API FedAvg) submitted with `flwr run`
+  flower-secagg   the same with Flower's SecAgg+ workflow (secaggplus_mod), threshold 6
+  naive           the in-process simulation (`mlsyskit.fl.run`): no transport at all
+
+Each system is one process tree (this script re-invoked with --system NAME) whose summed RSS is
+sampled (common.watch_tree). Round latency is the mean over rounds 2..R (round 1 includes
+warm-up; R = 3 by default to keep the run under 8 minutes on 2 shared cores). Bytes per round: ours are the gRPC payload bytes the server sent and received; Flower's
+are the serialized protobuf Messages its ServerApp sent and got back (message_to_proto).
+
+Also, in this process: the cost of secure aggregation's four phases with 10 and 50 clients
+(secagg.run_in_process on a 2NN-sized update, all clients in one process: the crypto alone),
+and the DP curve: test accuracy against epsilon for 5 noise multipliers (simulation, logreg,
+100 clients a round, 5 rounds).
+
+Run:  flock -x /tmp/quiet.lock .venv/bin/python benchmarks/fl_deploy.py [--rounds 5] [--quick]
+Results: benchmarks/results/fl_deploy.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+CLIENTS = 10
+MODEL = "2nn"
+RUN = ["--dataset", "mnist-5k", "--model", MODEL, "--partition", "iid", "--fraction", "1", "--local-epochs", "1",
+       "--batch-size", "10", "--lr", "0.05", "--seed", "0", "--threads", "1"]
+OURS = {
+    "ours": [],
+    "ours-secagg": ["--secagg"],
+    "ours-int8": ["--compress", "int8"],
+    "ours-dp": ["--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
+    "ours-secagg-dp": ["--secagg", "--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
+    "ours-torchdist": ["--transport", "torchdist"],
+}
+FLOWER = {"flower": "plain", "flower-secagg": "secagg"}
+DEFAULT_OUT = common.RESULTS / "fl_deploy.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    later = rows[1:] or rows
+    mean = lambda key: sum(float(r[key]) for r in later) / len(later)  # noqa: E731
+    return {
+        "rounds": len(rows),
+        "round_s": mean("round_s"),
+        "rounds_per_s": 1.0 / mean("round_s"),
+        "first_round_s": rows[0]["round_s"],
+        "bytes_up_per_round": mean("bytes_up"),
+        "bytes_down_per_round": mean("bytes_down"),
+        "bytes_per_round": mean("bytes_up") + mean("bytes_down"),
+        "final_accuracy": rows[-1]["test_accuracy"],
+        "accuracy_by_round": [r["test_accuracy"] for r in rows],
+    }
+
+
+# -- the systems, each run in a child process -------------------------------------------------
+def run_ours(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    out = tmp / "run"
+    cmd = [sys.executable, "-m", "mlsyskit", "fl", "launch", "--clients", str(args.clients), "--rounds", str(args.rounds),
+           *RUN, *OURS[name], "--out", str(out), "--round-timeout", "300", "--no-progress"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["round_s"] = r["wall_s"]
+    return {"system": name, "command": " ".join(cmd[1:]), "total_s": time.perf_counter() - t0, **_summarise(rows), "per_round": rows}
+
+
+def run_naive(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from mlsyskit.fl import FLConfig, run
+
+    cfg = FLConfig(dataset="mnist-5k", data_dir=args.data_dir, model=MODEL, partition="iid", clients=args.clients, fraction=1.0,
+                   local_epochs=1, batch_size=10, lr=0.05, rounds=args.rounds, seed=0, threads=1, out=str(tmp / "run"))
+    t0 = time.perf_counter()
+    run(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["round_s"] = r["wall_s"]
+    return {"system": name, "command": "mlsyskit.fl.run (in process)", "total_s": time.perf_counter() - t0, **_summarise(rows), "per_round": rows}
+
+
+def _flower_app(tmp: Path, variant: str, args: argparse.Namespace, out_json: Path) -> Path:
+    app = tmp / "app"
+    app.mkdir()
+    shutil.copy(common.HERE / "fl_deploy_flower_app.py", app / "flapp.py")
+    (app / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "mlsyskitbench"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "mlsyskit"
+
+[tool.flwr.app.components]
+serverapp = "flapp:{variant}_server"
+clientapp = "flapp:{variant}_client"
+
+[tool.flwr.app.config]
+clients = {args.clients}
+rounds = {args.rounds}
+model = "{MODEL}"
+data-dir = "{args.data_dir or ''}"
+batch-size = 10
+lr = 0.05
+local-epochs = 1
+out-json = "{out_json}"
+""")
+    return app
+
+
+def run_flower(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import flwr
+
+    variant = FLOWER[name]
+    home = tmp / "flwr-home"
+    home.mkdir()
+    fleet, appio, control = _free_port(), _free_port(), _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{control}"\ninsecure = true\n')
+    bindir = Path(sys.executable).parent  # Flower starts its flower-superexec helpers from PATH
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}
+    out_json = tmp / "flower.json"
+    app = _flower_app(tmp, variant, args, out_json)
+    procs = [common.spawn_logged([str(bindir / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet}",
+                                  "--serverappio-api-address", f"127.0.0.1:{appio}", "--control-api-address", f"127.0.0.1:{control}"],
+                                 tmp / "superlink.log", env=env)]
+    t0 = time.perf_counter()
+    try:
+        time.sleep(2)
+        for k in range(args.clients):
+            procs.append(common.spawn_logged(
+                [str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                 "--clientappio-api-address", f"127.0.0.1:{_free_port()}",
+                 "--node-config", f"partition-id={k} num-partitions={args.clients}"],
+                tmp / f"supernode{k}.log", env=env))
+        done = subprocess.run([str(bindir / "flwr"), "run", str(app), "deploy", "--stream"], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=args.timeout)
+        deadline = time.monotonic() + 60
+        while not out_json.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not out_json.exists():
+            logs = "\n".join((tmp / f).read_text()[-2000:] for f in ("superlink.log", "supernode0.log"))
+            raise RuntimeError(f"Flower run wrote no results: flwr run rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs}")
+    finally:
+        for p in procs:
+            common.stop_process(p, grace=5)
+    got = json.loads(out_json.read_text())
+    rows = got["rounds"]
+    return {"system": name, "flwr_version": flwr.__version__, "variant": variant, "total_s": time.perf_counter() - t0,
+            **_summarise(rows), "per_round": rows}
+
+
+RUNNERS = {**{n: run_ours for n in OURS}, **{n: run_flower for n in FLOWER}, "naive": run_naive}
+
+
+# -- in this process: secure aggregation's cost, and the DP curve --------------------------------
+def secagg_cost(params: int, clients: list[int], repeats: int) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from mlsyskit.fl import secagg
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in clients:
+        values = {c: secagg.encode(rng.normal(0, 0.01, params)) for c in range(n)}
+        t = secagg.default_threshold(n)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            secagg.run_in_process(values, 1, 0, t)
+            times.append(time.perf_counter() - t0)
+        drop = set(range(n // 10 or 1))
+        t0 = time.perf_counter()
+        secagg.run_in_process(values, 1, 0, t, drop_before_mask=drop)
+        with_drop = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            sum(v.astype(np.float64) for v in values.values())
+        plain = (time.perf_counter() - t0) / repeats
+        rows.append({"clients": n, "threshold": t, "protocol_s": min(times), "protocol_s_per_client": min(times) / n,
+                     "protocol_s_with_dropouts": with_drop, "dropped": len(drop), "plain_sum_s": plain})
+    return rows
+
+
+def dp_curve(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    from mlsyskit.fl import FLConfig, run
+
+    rows = []
+    for z in args.noise:
+        cfg = FLConfig(dataset="mnist-5k", data_dir=args.data_dir, model="logreg", clients=100, fraction=1.0, local_epochs=1,
+                       batch_size=10, lr=0.05, rounds=args.dp_rounds, seed=0, threads=1, dp_clip=0.5, dp_noise_multiplier=z,
+                       out=str(tmp / f"dp{z}"))
+        s = run(cfg, progress=False)
+        last = json.loads((tmp / f"dp{z}" / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({"noise_multiplier": z, "epsilon": last["epsilon"], "delta": last["delta"], "test_accuracy": s["final_accuracy"]})
+    return rows
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    systems = [s for s in result["systems"] if "round_s" in s]
+    names = [s["system"] for s in systems]
+    axes[0].barh(names, [s["round_s"] for s in systems], color=["C1" if n.startswith("flower") else "C0" for n in names])
+    axes[0].set_xlabel("seconds per round (rounds 2..R)")
+    axes[1].barh(names, [s["bytes_per_round"] / 2**20 for s in systems], color=["C1" if n.startswith("flower") else "C0" for n in names])
+    axes[1].set_xlabel("MiB per round (up + down)")
+    dp = result["dp_curve"]
+    axes[2].plot([r["epsilon"] for r in dp], [r["test_accuracy"] for r in dp], "o-")
+    for r in dp:
+        axes[2].annotate(f"z={r['noise_multiplier']}", (r["epsilon"], r["test_accuracy"]), fontsize=8)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel(f"epsilon (delta={dp[0]['delta']:g}, after {result['config']['dp_rounds']} rounds)")
+    axes[2].set_ylabel("test accuracy")
+    fig.suptitle(f"FL deployed on loopback, {result['config']['clients']} clients, {MODEL} on MNIST-5k ({result['stamp']['cpu']})", fontsize=10)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=CLIENTS)
+    p.add_argument("--systems", default="ours,ours-secagg,ours-int8,ours-secagg-dp,ours-torchdist,flower,flower-secagg,naive")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--dp-rounds", type=int, default=5)
+    p.add_argument("--data-dir", default=common.default_data_dir())
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child: run one system, print JSON
+    p.add_argument("--quick", action="store_true", help="2 rounds, 3 noise levels: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.noise, args.dp_rounds = 2, [0.5, 1.0, 4.0], 3
+    if args.system:
+        with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
+            print(json.dumps(RUNNERS[args.system](args.system, args, Path(tmp))))
+        return
+    load_before = common.loadavgs()
+    systems = []
+    for name in common.split_names(args.systems):
+        common.log(f"fl_deploy: {name}")
+        cmd = [sys.executable, __file__, "--system", name, "--rounds", str(args.rounds), "--clients", str(args.clients),
+               "--timeout", str(args.timeout), *(["--data-dir", args.data_dir] if args.data_dir else [])]
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=sys.stderr, text=True)
+            mem = common.watch_tree(proc, interval=0.25, pss_every=5.0, timeout=args.timeout + 120)
+            out.seek(0)
+            text = out.read().strip()
+        if proc.returncode != 0 or not text:
+            systems.append({"system": name, "error": f"exit {proc.returncode}", **mem})
+            continue
+        systems.append({**json.loads(text.splitlines()[-1]), **mem})
+        common.log(f"  {name}: {systems[-1]['round_s']:.2f} s/round, {systems[-1]['bytes_per_round'] / 2**20:.2f} MiB/round, "
+                   f"accuracy {systems[-1]['final_accuracy']:.4f}, peak RSS {mem['peak_rss_mib']:.0f} MiB")
+    common.log("fl_deploy: secure aggregation cost, DP curve")
+    with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
+        cost = secagg_cost(199_210, [10, 50], repeats=1 if args.quick else 2)
+        dp = dp_curve(args, Path(tmp))
+    by = {s["system"]: s for s in systems if "round_s" in s}
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        return by[a][key] / by[b][key] if a in by and b in by else None
+
+    result = {
+        "stamp": common.run_stamp(),
+        "loadavg_before": load_before,
+        "loadavg_after": common.loadavgs(),
+        "config": {"clients": args.clients, "rounds": args.rounds, "model": MODEL, "dataset": "mnist-5k", "local_epochs": 1,
+                   "batch_size": 10, "lr": 0.05, "dp_rounds": args.dp_rounds, "quick": args.quick},
+        "versions": common.package_versions(["flwr", "grpcio", "torch", "cryptography", "dp-accounting"]),
+        "systems": systems,
+        "secagg_cost": cost,
+        "dp_curve": dp,
+        "ratios": {
+            "round_s_ours_over_flower": ratio("ours", "flower", "round_s"),
+            "bytes_ours_over_flower": ratio("ours", "flower", "bytes_per_round"),
+            "round_s_secagg_over_plain_ours": ratio("ours-secagg", "ours", "round_s"),
+            "round_s_secagg_over_plain_flower": ratio("flower-secagg", "flower", "round_s"),
+            "bytes_up_int8_over_float32": ratio("ours-int8", "ours", "bytes_up_per_round"),
+            "round_s_torchdist_over_grpc": ratio("ours-torchdist", "ours", "round_s"),
+        },
+    }
+    out = Path(args.out)
+    common.write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    common.log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
