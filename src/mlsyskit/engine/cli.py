@@ -108,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(gen)
     _add_kv_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue; '-' reads it from standard input")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="split each layer's heads and MLP columns over N processes (gloo, all-reduce after the output and down projections) (default: 1)")
+    gen.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="M", help="split the layers over M processes, micro-batches in flight (default: 1)")
     _add_sampling_flags(gen, temperature=0.0, top_p=1.0)
     gen.add_argument("--stats", action="store_true", help=STATS_HELP)
     gen.set_defaults(func=_generate, interrupted="interrupted: generation stopped (the text above is what was generated)")
@@ -165,7 +167,9 @@ def _setup(args: argparse.Namespace) -> Any:
         seed=args.seed,
         stop=args.stop,
     )
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kv_tier_kwargs(args)), params
+    parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kv_tier_kwargs(args), **parallel), params
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -179,9 +183,12 @@ def _generate(args: argparse.Namespace) -> int:
     llm, params = _setup(args)
     t0 = time.perf_counter()
     out = None
-    for out in llm.stream(prompt, params):
-        sys.stdout.write(out.delta)
-        sys.stdout.flush()
+    try:
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.delta)
+            sys.stdout.flush()
+    finally:
+        llm.close()  # a parallel LLM's workers stop
     sys.stdout.write("\n")
     if args.stats and out is not None:
         _print_stats(out, t0)
