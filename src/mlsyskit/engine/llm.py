@@ -45,6 +45,14 @@ class LLM:
     restarted engine reuses. ``preemption``: ``"auto"`` swaps or recomputes by the cost model
     (:class:`~mlsyskit.engine.kv_cost.SwapPolicy`), ``"swap"``/``"recompute"`` force it. The
     other arguments are those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
+
+    Parallel inference (:mod:`mlsyskit.engine.parallel`): ``tensor_parallel_size=N`` splits each
+    layer's heads and MLP columns over N processes, ``pipeline_parallel_size=M`` the layers over
+    M stages (N x M processes in all). The LLM spawns the workers itself (a script doing so needs
+    ``if __name__ == "__main__":``), or joins the processes torchrun started. A worker that dies
+    raises :class:`~mlsyskit.engine.parallel.WorkerError` (a RuntimeError); a collective waits at
+    most ``parallel_timeout`` seconds. ``close()`` (or ``with LLM(...)``, or garbage collection)
+    stops the workers.
     """
 
     def __init__(
