@@ -161,3 +161,35 @@ def test_micro_batches_balance_tokens_and_put_decodes_first() -> None:
     for mb in mbs:
         n = [len(rows[i].tokens) for i in mb]
         assert n == sorted(n, key=lambda k: k != 1)
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+from mlsyskit.engine.llm import LLM
+from mlsyskit.engine.sampling import SamplingParams
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=1, pipeline_parallel_size=2)
+    out = llm.generate([%r], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    print("RANK", os.environ["RANK"], out[0].token_ids, flush=True)
+    llm.close()
+"""
+
+
+def test_torchrun_rank0_drives_others_serve(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT % (PROMPTS[0],))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(script), str(tiny_llama_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RANK")]
+    want = LLM(tiny_llama_dir, dtype="float32").generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert lines == [f"RANK 0 {want[0].token_ids}"]  # rank 1 served and exited inside LLM(...)
