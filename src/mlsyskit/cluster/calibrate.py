@@ -321,11 +321,7 @@ def scaled_spec(spec: Any, k: float) -> Any:
     out.instances = []
     for inst in spec.instances:
         i = copy.copy(inst)
-        c = inst.cost
-        p = c.params
-        i.cost = InstanceCost(c.model, c.flops / k, c.bw / k, 1,
-                              CostParams(1.0, 1.0, p.step_overhead_s * k, p.seq_overhead_s * k, p.token_overhead_s * k,
-                                         p.kv_overhead_s * k))
+        i.cost = inst.cost.scaled(k)
         out.instances.append(i)
     return out
 

@@ -24,8 +24,9 @@ closed form (:meth:`InstanceCost.decode_run_time`): the simulator jumps over suc
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlsyskit.cluster.model import ModelSpec
 
@@ -77,6 +78,17 @@ class InstanceCost:
             self.ar_per_token = n * 2 * (tp - 1) / tp * model.activation_bytes_per_token / tp_link.bandwidth
         else:
             self.ar_fixed = self.ar_per_token = 0.0
+
+    def scaled(self, k: float) -> InstanceCost:
+        """This instance with every step ``k`` times slower (rates divided by ``k``, all-reduce and
+        overheads multiplied): a slower or busier machine of the same shape."""
+        out = copy.copy(self)
+        out.flops, out.bw = self.flops / k, self.bw / k
+        out.ar_fixed, out.ar_per_token = self.ar_fixed * k, self.ar_per_token * k
+        p = self.params
+        out.params = replace(p, step_overhead_s=p.step_overhead_s * k, seq_overhead_s=p.seq_overhead_s * k,
+                             token_overhead_s=p.token_overhead_s * k, kv_overhead_s=p.kv_overhead_s * k)
+        return out
 
     # -- one step ----------------------------------------------------------------------------
     def step_time(self, tokens: int, sampled: int, pairs: float, kv_read: float, seqs: int) -> float:
