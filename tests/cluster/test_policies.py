@@ -86,6 +86,12 @@ def test_length_class_places_by_total_length() -> None:
     assert p.choose(req(3, 1500, 500), views) == 3  # medium: anywhere; the big one has least outstanding
     views[3].outstanding_tokens = 10_000
     assert p.choose(req(4, 1500, 500), views) == 1
+    # medium, by drain time: the big one drains twice as fast, so 150 tokens there (75 ms of
+    # work) beat 100 on s1 (100 ms): least outstanding tokens alone would pick s1
+    views[3].outstanding_tokens = 150
+    assert p.choose(req(5, 1500, 500), views) == 3
+    views[3].outstanding_tokens = 250  # 125 ms: now s1
+    assert p.choose(req(6, 1500, 500), views) == 1
 
 
 def test_best_fit_takes_the_tightest_instance_with_room() -> None:

@@ -20,7 +20,8 @@ Policies (``POLICIES``):
 * ``length-class``: the scope's policy. A request's total length (prompt + output, from
   ``max_tokens``) makes it short, medium or long; short ones go to the instances with the
   smallest KV memory, long ones to the largest (the NVLink pair as one tensor-parallel
-  instance), medium ones anywhere; least outstanding tokens inside a class;
+  instance), medium ones anywhere; inside a class, the instance whose outstanding tokens drain
+  soonest at its throughput (least outstanding tokens among equally fast instances);
 * ``best-fit``: VRAM-aware best fit: the instance whose free KV (capacity - reserved tokens)
   after taking the request is smallest but not negative; none fits: the most free;
 * ``oracle``: sees every request's true output length (even when the client does not say it):
@@ -242,20 +243,24 @@ def least_work(cands: list[int], views: list[InstanceView], tokens: int, true: b
     return min(room, key=lambda i: (_drain_time(views[i], tokens, true), i))
 
 
-def least_outstanding(cands: list[int], views: list[InstanceView]) -> int:
-    """Among ``cands``: least outstanding tokens, then fewest in flight, then the first."""
-    return min(cands, key=lambda i: (views[i].outstanding_tokens, views[i].in_flight, i))
+def least_drain(cands: list[int], views: list[InstanceView]) -> int:
+    """Among ``cands``: the instance whose outstanding tokens drain soonest at its throughput
+    (least outstanding tokens when the instances are equally fast), then fewest in flight,
+    then the first."""
+    return min(cands, key=lambda i: (_drain_time(views[i], 0), views[i].in_flight, i))
 
 
 class LengthClassPolicy(Policy):
     """The scope's rule: short requests on the small-memory instances, long ones on the largest,
-    medium ones anywhere; least outstanding tokens inside a class.
+    medium ones anywhere; inside a class, the instance whose outstanding tokens drain soonest at
+    its throughput (a faster instance, such as a tensor-parallel pair, takes more of the medium
+    ones; with equally fast instances this is least outstanding tokens).
 
     Options: ``short_max`` and ``long_min`` (total tokens, prompt + output; defaults: long
     above a quarter of the smallest instance's KV capacity, short up to a quarter of that)."""
 
     name = "length-class"
-    balance = staticmethod(least_outstanding)
+    balance = staticmethod(least_drain)
 
     _thr: tuple[int, int, tuple[int, int]] | None = None
 

@@ -205,6 +205,10 @@ def goals(known: list[dict[str, Any]], unknown: list[dict[str, Any]], rates: Seq
         g1["length_class_vs_oracle"] = round(lc["goodput_req_s"] / max(orc["goodput_req_s"], 1e-9), 3)
         g1["met"] = g1["length_class_vs_round_robin"] >= 1.5 and g1["length_class_vs_oracle"] >= 0.9
         g1["max_possible_vs_round_robin"] = round(r_miss / max(rr["goodput_req_s"], 1e-9), 3)
+        g1["note"] = ("goodput cannot exceed the offered rate, so at the first rate where round-robin misses (still "
+                      f"attaining {100 * rr['slo_attainment']:.0f} %) no policy can reach more than "
+                      f"{g1['max_possible_vs_round_robin']}x its goodput; 1.5x needs round-robin at or below 2/3 "
+                      "attainment. distserve_reading compares the highest rates each policy sustains instead.")
     # by rate too: where round-robin is far gone the ratio is large
     g1["by_rate"] = []
     for rate in rates:
