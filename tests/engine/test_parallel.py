@@ -193,3 +193,16 @@ def test_torchrun_rank0_drives_others_serve(tiny_llama_dir: Path, tmp_path: Path
     lines = [line for line in done.stdout.splitlines() if line.startswith("RANK")]
     want = LLM(tiny_llama_dir, dtype="float32").generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert lines == [f"RANK 0 {want[0].token_ids}"]  # rank 1 served and exited inside LLM(...)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_tensor_parallel_other_architectures(arch: str, request: pytest.FixtureRequest) -> None:
+    """Qwen2's q/k/v biases and tied head, GPT-2's fused c_attn rows and row-parallel biases
+    (added on one rank only)."""
+    path = request.getfixturevalue(f"tiny_{arch}_dir")
+    want_ids, want = _run(LLM(path, dtype="float32"))
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        got_ids, got = _run(llm)
+    assert got_ids == want_ids
+    for k, row in want.items():
+        torch.testing.assert_close(got[k], row, rtol=0, atol=1e-5)
