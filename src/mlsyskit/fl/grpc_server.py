@@ -6,8 +6,8 @@ simulation: the loop samples, the transport publishes the global model to the sa
 round's deadline, and the loop rejects, aggregates, evaluates and checkpoints as it always
 does. A round where fewer than ``min_clients`` answered is retried (same clients, new
 deadline). Under ``--secagg`` a round runs the four phases of `mlsyskit.fl.secagg` (each
-bounded by the round timeout); clients that drop after sharing their keys are recovered from
-the others' Shamir shares, and an attempt that falls below the threshold is retried. Updates that are not a float32 vector of the model's size (malformed, oversize,
+bounded by the round timeout; the unmasking closes UNMASK_GRACE_S after the threshold is
+reached); clients that drop after sharing their keys are recovered from the others' Shamir shares, and an attempt that falls below the threshold is retried. Updates that are not a float32 vector of the model's size (malformed, oversize,
 wrong shape) are rejected here and logged with the client id; non-finite ones by the loop.
 Bytes are counted as the gRPC message payloads this server sends and receives.
 """
@@ -33,6 +33,8 @@ from mlsyskit.fl import secagg, wire
 from mlsyskit.fl.simulation import Collected, Federation, secagg_threshold
 
 POLL_S = 10.0  # a GetTask long-poll answers "wait" after this long without a task
+# the unmasking needs only t answers: once t are in, the others get this long, not the round timeout
+UNMASK_GRACE_S = 1.0
 
 
 @dataclass
@@ -207,13 +209,17 @@ class GrpcTransport:
             bytes_down=sum(t.bytes_down for t in tasks),
         )
 
-    def _phase(self, task: _Task) -> _Task:
-        """Publish `task`; wait until its clients all answered or --round-timeout passed."""
+    def _phase(self, task: _Task, enough: int | None = None) -> _Task:
+        """Publish `task`; wait until its clients all answered or --round-timeout passed, or
+        (`enough`) until UNMASK_GRACE_S after that many answered."""
         deadline = time.monotonic() + self.opts.round_timeout
         with self.cond:
             self.task = task
             self.cond.notify_all()
             while len(task.received) + len(task.malformed) < len(task.active):
+                if enough is not None and len(task.received) >= enough:
+                    deadline = min(deadline, time.monotonic() + UNMASK_GRACE_S)
+                    enough = None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -270,7 +276,7 @@ class GrpcTransport:
         u3 = [c for c in u2 if c in masked.received]
         if len(u3) < need:
             return f"{len(u3)} masked updates arrived", u3
-        unmask = self._phase(_Task(rnd, attempt, b"", set(u3), phase="unmask", t=t, head={"survivors": u3}))
+        unmask = self._phase(_Task(rnd, attempt, b"", set(u3), phase="unmask", t=t, head={"survivors": u3}), enough=t)
         tasks.append(unmask)
         try:
             total = secagg.recover_sum({c: masked.received[c][0] for c in u3}, keys, u2, {c: v[0] for c, v in unmask.received.items()}, t, rnd, attempt)
