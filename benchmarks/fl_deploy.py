@@ -264,7 +264,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=CLIENTS)
-    p.add_argument("--systems", default="ours,ours-secagg,ours-int8,ours-secagg-dp,ours-torchdist,flower,flower-secagg,naive")
+    p.add_argument("--systems", default="ours,flower,ours-secagg,flower-secagg,ours-int8,ours-secagg-dp,ours-torchdist,naive")
     p.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--dp-rounds", type=int, default=5)
     p.add_argument("--data-dir", default=common.default_data_dir())
@@ -296,10 +296,17 @@ def main() -> None:
         systems.append({**json.loads(text.splitlines()[-1]), **mem})
         common.log(f"  {name}: {systems[-1]['round_s']:.2f} s/round, {systems[-1]['bytes_per_round'] / 2**20:.2f} MiB/round, "
                    f"accuracy {systems[-1]['final_accuracy']:.4f}, peak RSS {mem['peak_rss_mib']:.0f} MiB")
+        write(args, load_before, systems, None, None)  # partial results survive a timeout
     common.log("fl_deploy: secure aggregation cost, DP curve")
     with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
         cost = secagg_cost(199_210, [10, 50], repeats=1 if args.quick else 2)
         dp = dp_curve(args, Path(tmp))
+    out = write(args, load_before, systems, cost, dp)
+    plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    common.log(f"wrote {out}")
+
+
+def write(args: argparse.Namespace, load_before: list[float], systems: list[dict[str, Any]], cost: Any, dp: Any) -> Path:
     by = {s["system"]: s for s in systems if "round_s" in s}
 
     def ratio(a: str, b: str, key: str) -> float | None:
@@ -322,12 +329,12 @@ def main() -> None:
             "round_s_secagg_over_plain_flower": ratio("flower-secagg", "flower", "round_s"),
             "bytes_up_int8_over_float32": ratio("ours-int8", "ours", "bytes_up_per_round"),
             "round_s_torchdist_over_grpc": ratio("ours-torchdist", "ours", "round_s"),
+            "round_s_naive_over_grpc": ratio("naive", "ours", "round_s"),
         },
     }
     out = Path(args.out)
     common.write_json(out, result)
-    plot(result, out.with_suffix(".png"))
-    common.log(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
