@@ -1,5 +1,7 @@
 """Federated learning (McMahan et al. 2017 and successors): one round loop, simulated in one
-process or deployed over gRPC (`mlsyskit.fl.grpc_server`, `mlsyskit.fl.grpc_client`).
+process or deployed over gRPC (`mlsyskit.fl.grpc_server`, `mlsyskit.fl.grpc_client`) or
+torch.distributed (`mlsyskit.fl.collective`), with secure aggregation (`mlsyskit.fl.secagg`),
+DP-FedAvg (`mlsyskit.fl.privacy`) and int8 updates (`mlsyskit.fl.compress`).
 
 Names are imported on first use, so importing the package (as ``mlsyskit --help`` does)
 does not load torch.

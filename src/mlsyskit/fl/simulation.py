@@ -3,7 +3,8 @@
 Each round the strategy samples clients, dropout is applied, a `Transport` sends them the
 global model and brings back their updates (`InProcess`: the clients are simulated in this
 process, data loaded once as tensors and clients as index arrays into them; the gRPC transport
-of `mlsyskit.fl.grpc_server`: client processes), non-finite updates are rejected, updates are
+of `mlsyskit.fl.grpc_server`: client processes; `mlsyskit.fl.collective`: torch.distributed
+ranks), non-finite updates are rejected, updates are
 clipped (when asked), and the strategy aggregates; an aggregate that is not finite or whose step jumps by orders of magnitude
 is not committed, and a run that commits nothing for STALL_ROUNDS rounds in a row stops.
 Every source of randomness is derived from (seed, round, client), so a resumed run
