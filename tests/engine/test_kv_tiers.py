@@ -260,3 +260,33 @@ def test_cli_flags(tmp_path: Path) -> None:
     assert p["tokens_fit"] == int(p["kv_budget_bytes"] // p["kv_bytes_per_token"]) and 4000 < p["tokens_fit"] < 6000
     bad = run("plan-memory", "--model", str(tmp_path / "none.json"), "--gpu-gib", "16")
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_metrics_show_the_tiers(ckpt: Checkpoint) -> None:
+    import asyncio
+
+    from mlsyskit.engine import LLMEngine
+    from mlsyskit.serve.metrics import ServerMetrics
+    from mlsyskit.serve.service import EngineService
+
+    engine = LLMEngine(ckpt, **TINY, kv_offload="cpu", preemption="swap")
+    service = EngineService(engine, model_name="tiny")
+    metrics = ServerMetrics(service)
+
+    async def main() -> None:
+        await service.start()
+        try:
+            await asyncio.gather(*(service.generate(p, GREEDY) for p in _ids(ckpt)))
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+    text = metrics.render()[0].decode()
+    u = engine.kv_usage()
+    assert u["tier_bytes_pool_to_cpu"] > 0
+    assert f'mlsyskit_kv_tier_bytes_total{{direction="pool_to_cpu",model="tiny"}} {u["tier_bytes_pool_to_cpu"]}' in text
+    assert 'mlsyskit_kv_tier_blocks{kind="swapped",model="tiny",tier="cpu"} 0.0' in text
+    assert 'mlsyskit_kv_tier_hit_rate{model="tiny",tier="cpu"}' in text
+    assert "mlsyskit_kv_tier_copy_wait_seconds_total" in text
+    assert f'mlsyskit_kv_preemptions_swapped_total{{model="tiny"}} {float(u["preemptions_swapped"])}' in text
+    assert u["preemptions_swapped"] > 0

@@ -46,6 +46,7 @@ class _ServiceCollector(Collector):
         yield gauge("mlsyskit_requests_in_flight", "requests accepted and not finished", s["in_flight"])
         yield gauge("mlsyskit_kv_blocks_used", "KV-cache blocks held by requests", s["kv_blocks_used"])
         yield gauge("mlsyskit_kv_blocks_total", "KV-cache blocks in the pool", s["kv_blocks_total"])
+        yield from _tier_metrics(s.get("kv_tiers") or {}, model)
         c = CounterMetricFamily("mlsyskit_generated_tokens", "tokens generated (tokens/s is its rate)", labels=["model"])
         c.add_metric(model, s["tokens_generated"])
         yield c
@@ -58,6 +59,35 @@ class _ServiceCollector(Collector):
         c = CounterMetricFamily("mlsyskit_engine_steps", "engine steps run", labels=["model"])
         c.add_metric(model, s["engine_steps"])
         yield c
+
+
+def _tier_metrics(t: dict[str, float], model: list[str]) -> Iterator[Metric]:
+    """KV tiers (``--kv-offload``): blocks per tier, bytes moved each way, hit rates, copy time."""
+    if not t:
+        return
+    g = GaugeMetricFamily("mlsyskit_kv_tier_blocks", "KV blocks held per tier (swapped: pinned for a preempted request)", labels=["model", "tier", "kind"])
+    g.add_metric([*model, "cpu", "cached"], t["cpu_blocks_cached"])
+    g.add_metric([*model, "cpu", "swapped"], t["cpu_blocks_swapped"])
+    if "disk_blocks" in t:
+        g.add_metric([*model, "disk", "cached"], t["disk_blocks"])
+    yield g
+    c = CounterMetricFamily("mlsyskit_kv_tier_bytes", "KV bytes copied between the pool and a tier", labels=["model", "direction"])
+    for direction, key in (("pool_to_cpu", "bytes_pool_to_cpu"), ("cpu_to_pool", "bytes_cpu_to_pool"),
+                           ("pool_to_disk", "bytes_to_disk"), ("disk_to_pool", "bytes_disk_to_pool")):
+        if key in t:
+            c.add_metric([*model, direction], t[key])
+    yield c
+    g = GaugeMetricFamily("mlsyskit_kv_tier_hit_rate", "prefix blocks found in a tier / looked up there", labels=["model", "tier"])
+    g.add_metric([*model, "cpu"], t["cpu_hit_rate"])
+    if "disk_hit_rate" in t:
+        g.add_metric([*model, "disk"], t["disk_hit_rate"])
+    yield g
+    c = CounterMetricFamily("mlsyskit_kv_tier_copy_wait_seconds", "engine time spent waiting on KV copies to and from the tiers", labels=["model"])
+    c.add_metric(model, t["copy_wait_s"])
+    yield c
+    c = CounterMetricFamily("mlsyskit_kv_preemptions_swapped", "preempted requests whose KV was swapped out instead of dropped", labels=["model"])
+    c.add_metric(model, t["preemptions_swapped"])
+    yield c
 
 
 class ServerMetrics:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlsyskit.engine.cli import add_kv_tier_flags
+
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
     """The flags of one engine server (shared with the replica workers)."""
@@ -25,6 +27,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, metavar="N", help="most requests waiting to run; more get 429 with Retry-After (default: 256)")
     p.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="most requests the engine runs at once (default: 64)")
     p.add_argument("--num-kv-blocks", type=int, default=None, metavar="N", help="KV-cache blocks of 16 tokens (default: enough for --max-num-seqs full contexts, at most 1 GiB)")
+    add_kv_tier_flags(p)
     p.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context length in tokens, prompt plus output (default: the model's)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N", help="most new tokens one choice may ask for; also the default when a request sets none (default: what the context leaves)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger request bodies get 413 (default: 1000000)")

@@ -170,6 +170,7 @@ class EngineService:
         self._requests_aborted = 0
         self._kv_used = 0
         self._kv_total = engine.block_manager.num_blocks if engine.block_manager is not None else 0
+        self._kv_tiers: dict[str, float] = {}  # KV tier counters, copied each step
         self._latency_ema: float | None = None
         self._started_at = time.time()
         self._error: str | None = None
@@ -366,6 +367,7 @@ class EngineService:
                 "kv_blocks_used": self._kv_used,
                 "kv_blocks_free": self._kv_total - self._kv_used,
                 "kv_blocks_total": self._kv_total,
+                "kv_tiers": dict(self._kv_tiers),
                 "tokens_generated": self._tokens_generated,
                 "requests_finished": self._requests_finished,
                 "requests_aborted": self._requests_aborted,
@@ -449,6 +451,7 @@ class EngineService:
         self._peak_running = max(self._peak_running, self._num_running)
         bm = engine.block_manager
         self._kv_used = bm.num_blocks - bm.num_free if bm is not None else 0
+        self._kv_tiers = engine.kv_tier_stats()
 
     def _run(self) -> None:
         engine = self.engine
