@@ -64,6 +64,12 @@ FLOWER = {"flower": "plain", "flower-secagg": "secagg"}
 DEFAULT_OUT = common.RESULTS / "fl_deploy.json"
 
 
+def host() -> dict[str, Any]:
+    """The CPU model, usable cores and platform of this machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    return {"cpu": cpu, "cpus": common.usable_cpus(), **common.platform_info()}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -255,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].set_xscale("log")
     axes[2].set_xlabel(f"epsilon (delta={dp[0]['delta']:g}, after {result['config']['dp_rounds']} rounds)")
     axes[2].set_ylabel("test accuracy")
-    fig.suptitle(f"FL deployed on loopback, {result['config']['clients']} clients, {MODEL} on MNIST-5k ({result['stamp']['cpu']})", fontsize=10)
+    fig.suptitle(f"FL deployed on loopback, {result['config']['clients']} clients, {MODEL} on MNIST-5k ({result['host']['cpu']}, {result['host']['cpus']} cores)", fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -314,6 +320,7 @@ def write(args: argparse.Namespace, load_before: list[float], systems: list[dict
 
     result = {
         "stamp": common.run_stamp(),
+        "host": host(),
         "loadavg_before": load_before,
         "loadavg_after": common.loadavgs(),
         "config": {"clients": args.clients, "rounds": args.rounds, "model": MODEL, "dataset": "mnist-5k", "local_epochs": 1,
