@@ -31,6 +31,7 @@ _EXPORTS = {
     "RequestInfo": "mlsyskit.cluster.policies",
     "Ledger": "mlsyskit.cluster.policies",
     "summarize": "mlsyskit.cluster.metrics",
+    "local_cluster": "mlsyskit.cluster.local",
 }
 __all__ = sorted(_EXPORTS)
 
