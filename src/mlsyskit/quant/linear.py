@@ -103,6 +103,7 @@ class QuantLinear(_KernelLinear):
         scale = qt.scale.float().expand(n, qt.scale.shape[1]).contiguous()
         g = scale.shape[1]
         bits, sym = qt.scheme.bits, qt.scheme.symmetric
+        kz = qt.kernel_zero()  # float zero points: -minimum / scale
         self.kind = "dequant"
         if bits == 8 and kernels.supports(k, k // g):
             self.kind = "q8"
@@ -110,7 +111,7 @@ class QuantLinear(_KernelLinear):
             codes = qt.codes
             if not sym:  # the kernel takes signed codes: an unsigned q is (q - 128) + 128
                 codes = (codes.to(torch.int16) - 128).to(torch.int8)
-                zero = qt.zero.float().expand(n, g) - 128
+                zero = kz.float().expand(n, g) - 128
             self.register_buffer("codes", codes.contiguous())
             self.register_buffer("scale", scale)
             self.register_buffer("zero", None if zero is None else zero.contiguous())
@@ -120,16 +121,16 @@ class QuantLinear(_KernelLinear):
             self.kind = "q4"
             # the kernel wants unsigned codes: a symmetric code q in [-8, 7] is (q + 8) - 8
             codes = qt.codes.to(torch.int16) + (8 if sym else 0)
-            zero = torch.full_like(scale, 8.0) if sym else qt.zero.float().expand(n, g).contiguous()
+            zero = torch.full_like(scale, 8.0) if sym else kz.float().expand(n, g).contiguous()
             self.register_buffer("codes", kernels.pack_q4_blocks(codes.to(torch.uint8)))
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)
         else:
             self.register_buffer("codes", qt.codes.contiguous())
             self.register_buffer("scale", scale)
-            self.register_buffer(
-                "zero", None if qt.zero is None else qt.zero.float().expand(n, g).contiguous()
-            )
+            self.register_buffer("zero", None if kz is None else kz.float().expand(n, g).contiguous())
+        # float zero points: the stored minimums, so the layer gives back its QuantizedTensor
+        self.register_buffer("minimum", None if qt.minimum is None else qt.minimum.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._qw = self._kernel_weight()
 
@@ -148,6 +149,8 @@ class QuantLinear(_KernelLinear):
         self.scale = self.scale.float().contiguous()
         if self.zero is not None:
             self.zero = self.zero.float().contiguous()
+        if self.minimum is not None:
+            self.minimum = self.minimum.float()
         self._qw = self._kernel_weight()
         return self
 

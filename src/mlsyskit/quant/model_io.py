@@ -75,11 +75,15 @@ def quantized_tensor_of(layer: QuantLinear) -> QuantizedTensor:
     if s.granularity == "tensor":  # one scale, expanded to (n, 1) for the kernels
         scale = scale[:1, :1]
         zero = None if zero is None else zero[:1, :1]
+    minimum = getattr(layer, "minimum", None)
+    if minimum is not None:  # float zero points: the kernels' zero was derived from these
+        zero = None
     return QuantizedTensor(
         codes=codes.clone(),
         scale=scale.clone(),
         zero=None if zero is None else zero.float().clone(),
         scheme=s,
+        minimum=None if minimum is None else minimum.clone(),
     )
 
 
@@ -262,12 +266,15 @@ def split_head(config: WeightOnlyConfig, lm_head: str) -> tuple[WeightOnlyConfig
 
 
 def scheme_label(config: WeightOnlyConfig, method: str, lm_head: str = "same") -> str:
-    """A short name for a quantization, e.g. ``int4-g128-asym-awq`` or ``int8-channel-sym-rtn``
+    """A short name for a quantization, e.g. ``int4-g128-asym-awq``, ``int8-channel-sym-rtn`` or
+    ``int4-g32-fzero-dq-gptq`` (float zero points, double-quantized scales)
     (``-head-int8`` / ``-head-float`` appended when the output projection differs)."""
     s = config.scheme
     where = f"g{s.group_size}" if s.granularity == "group" else s.granularity
     head = "" if lm_head == "same" else f"-head-{lm_head}"
-    return f"int{s.bits}-{where}-{'sym' if s.symmetric else 'asym'}-{method}{head}"
+    zero = "sym" if s.symmetric else "fzero" if s.zero_point == "float" else "asym"
+    dq = "-dq" if s.double_quant else ""
+    return f"int{s.bits}-{where}-{zero}{dq}-{method}{head}"
 
 
 def check_fits(model: nn.Module, config: WeightOnlyConfig) -> dict[str, int]:

@@ -5,7 +5,8 @@ Code ``i`` occupies bits ``[i*b, (i+1)*b)`` of the stream, least significant bit
 - 8 bits: one code per byte;
 - 4 bits: two codes per byte, the first in the low nibble;
 - 2 bits: four codes per byte, the first in the lowest two bits;
-- 3 bits: eight codes in three bytes (24 bits), the first in the lowest three bits.
+- 3 bits: eight codes in three bytes (24 bits), the first in the lowest three bits;
+- 6 bits: four codes in three bytes (double-quantized scales).
 
 A packed tensor has exactly ``packed_nbytes(numel, bits) = ceil(numel * bits / 8)`` bytes;
 the unused high bits of the last byte are zero. Codes must already be unsigned
@@ -19,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-PACK_BITS = (8, 4, 3, 2)
+PACK_BITS = (8, 6, 4, 3, 2)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -34,7 +35,7 @@ def _check_bits(bits: int) -> None:
 
 
 def _chunk(bits: int) -> tuple[int, int]:
-    """(codes, bytes) of the smallest whole-byte chunk: (1, 1), (2, 1), (8, 3), (4, 1)."""
+    """(codes, bytes) of the smallest whole-byte chunk: (1, 1), (4, 3), (2, 1), (8, 3), (4, 1)."""
     codes = 8 // math.gcd(8, bits)
     return codes, codes * bits // 8
 

@@ -14,6 +14,8 @@ BITS = (8, 4, 3, 2)
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = ("float16", "bfloat16")
 SCALE_BITS = 16  # both scale dtypes take 16 bits per stored scale
+ZERO_POINTS = ("int", "float")
+DQ_BITS = 6  # double-quantized scales and minimums: 6-bit codes, as llama.cpp's Q4_K/Q5_K
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class QuantScheme:
       ``[-(2^(b-1)-1), 2^(b-1)-1]``; False: min/max scaling with an integer zero point,
       unsigned codes in ``[0, 2^b - 1]``.
     - ``scale_dtype``: the dtype scales are stored in, ``"float16"`` or ``"bfloat16"``.
+    - ``zero_point`` (asymmetric only): ``"int"``, an integer zero point per group in
+      ``[0, 2^b - 1]`` (``w ~ S (q - Z)``, the range includes 0); ``"float"``, the group's
+      minimum ``m`` stored like a scale (``w ~ S q + m``, as llama.cpp's Q4_1 and K-quants), so
+      the range need not contain 0 and no zero point is rounded.
+    - ``double_quant`` ("group" only): the group scales (and float minimums) are themselves
+      quantized to 6-bit codes with one ``scale_dtype`` scale per ``super_groups`` groups of
+      a row (llama.cpp's K-quants: 8 groups of 32 = 256 values); float minimums are then
+      clamped to at most 0, as there.
     """
 
     bits: int = 8
@@ -35,6 +45,9 @@ class QuantScheme:
     group_size: int = 128
     symmetric: bool = True
     scale_dtype: str = "float16"
+    zero_point: str = "int"
+    double_quant: bool = False
+    super_groups: int = 8
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in BITS:
@@ -52,6 +65,16 @@ class QuantScheme:
             raise UserError(
                 f"unknown scale dtype {self.scale_dtype!r}; choose one of {', '.join(SCALE_DTYPES)}"
             )
+        if self.zero_point not in ZERO_POINTS:
+            raise UserError(f"zero_point must be one of {', '.join(ZERO_POINTS)}, got {self.zero_point!r}")
+        if self.zero_point == "float" and self.symmetric:
+            raise UserError("float zero points need an asymmetric scheme (symmetric has no zero point)")
+        if not isinstance(self.double_quant, bool):
+            raise UserError(f"double_quant must be true or false, got {self.double_quant!r}")
+        if self.double_quant and self.granularity != "group":
+            raise UserError("double-quantized scales need granularity 'group'")
+        if not _is_int(self.super_groups) or self.super_groups < 1:
+            raise UserError(f"super_groups must be a positive integer, got {self.super_groups!r}")
 
     @property
     def qmin(self) -> int:
@@ -84,14 +107,22 @@ class QuantScheme:
         return out_features * self.n_groups(in_features)
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        """Average stored bits per weight: codes + 16-bit scales + ``bits``-bit zero points.
+        """Average stored bits per weight: codes + 16-bit scales + ``bits``-bit zero points
+        (float zero points: 16-bit minimums; double-quantized: 6-bit codes for each plus one
+        16-bit scale per super-block of ``super_groups`` groups of a row, for each).
 
-        E.g. 4-bit, group 128, asymmetric: ``4 + (16 + 4) / 128``. Packing padding (at most one
-        byte per packed tensor) is not counted.
+        E.g. 4-bit, group 128, asymmetric: ``4 + (16 + 4) / 128``; 4-bit, group 32, float zero,
+        double-quantized: ``4 + (6 + 6) / 32 + 2 * 16 / 256 = 4.5`` (llama.cpp's Q4_K). Packing
+        padding (at most one byte per packed tensor) is not counted.
         """
         n = out_features * in_features
-        per_scale = SCALE_BITS + (0 if self.symmetric else self.bits)
-        return self.bits + self.n_scales(out_features, in_features) * per_scale / n
+        scales = self.n_scales(out_features, in_features)
+        per = float(SCALE_BITS)
+        if self.double_quant:
+            supers = out_features * -(-self.n_groups(in_features) // self.super_groups)
+            per = DQ_BITS + supers * SCALE_BITS / scales
+        zero = 0.0 if self.symmetric else per if self.zero_point == "float" else self.bits
+        return self.bits + scales * (per + zero) / n
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; ``QuantScheme.from_dict`` reads it back."""

@@ -8,7 +8,11 @@ For each quantized tensor ``name`` (a ``QuantizedTensor`` with shape (out, in) a
 - ``name.scale``: the scales in ``scheme.scale_dtype``, shape (1, 1), (out, 1) or
   (out, n_groups);
 - ``name.zero``: asymmetric only: the integer zero points (row-major, shaped like the scale)
-  bit-packed with ``bits`` bits.
+  bit-packed with ``bits`` bits;
+- ``name.min``: float zero points only: the group minimums in ``scheme.scale_dtype``;
+- double-quantized scales (``scheme.double_quant``): instead of ``name.scale``,
+  ``name.scale_q`` (6-bit codes, packed) and ``name.scale_d`` (one ``scale_dtype`` value per
+  super-block of a row), and likewise ``name.min_q`` / ``name.min_d`` for float minimums.
 
 Plain tensors are stored under their own name, unchanged. ``quant_config.json`` reads
 ``{"format": "mlsyskit-quant", "version": 1, "tensors": {name: {"shape": [out, in],
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from mlsyskit.errors import UserError
 from mlsyskit.quant.packing import pack, unpack
-from mlsyskit.quant.scheme import QuantScheme
+from mlsyskit.quant.scheme import DQ_BITS, QuantScheme
 from mlsyskit.quant.tensor import SCALE_DTYPES, QuantizedTensor
 
 FORMAT = "mlsyskit-quant"
@@ -38,7 +42,7 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "quant_config.json"
 _RESERVED = ("format", "version", "tensors")
-_SUFFIXES = (".qweight", ".scale", ".zero")
+_SUFFIXES = (".qweight", ".scale", ".zero", ".min", ".scale_q", ".scale_d", ".min_q", ".min_d")
 
 
 def save_quantized(
@@ -131,16 +135,23 @@ def _encode(name: str, qt: QuantizedTensor) -> dict[str, Tensor]:
         raise UserError(f"{name!r}: codes must be 2-D {want_dtype}, got {qt.codes.dtype}")
     if tuple(qt.scale.shape) != scale_shape:
         raise UserError(f"{name!r}: scale shape {tuple(qt.scale.shape)} != {scale_shape}")
-    if (qt.zero is None) != s.symmetric:
-        raise UserError(f"{name!r}: zero points must be given exactly when asymmetric")
-    scale = qt.scale.detach().cpu().to(SCALE_DTYPES[s.scale_dtype])
-    if not torch.equal(scale.float(), qt.scale.detach().cpu().float()):
-        raise UserError(f"{name!r}: scales are not exactly representable in {s.scale_dtype}")
+    floatzero = s.zero_point == "float"
+    if (qt.zero is None) != (s.symmetric or floatzero) or (qt.minimum is None) == floatzero:
+        raise UserError(f"{name!r}: zero points (or float minimums) must match the scheme")
+    parts: dict[str, Tensor] = {}
+    if s.double_quant:
+        parts.update(_encode_dq(name, "scale", qt.scale, s))
+        if floatzero:
+            parts.update(_encode_dq(name, "min", -qt.minimum, s))
+    else:
+        parts[f"{name}.scale"] = _exact(name, "scales", qt.scale, s)
+        if floatzero:
+            parts[f"{name}.min"] = _exact(name, "minimums", qt.minimum, s)
     codes = qt.codes.detach().cpu().to(torch.int16)
     if codes.numel() and (int(codes.min()) < s.qmin or int(codes.max()) > s.qmax):
         raise UserError(f"{name!r}: codes outside [{s.qmin}, {s.qmax}]")
     offset = 0 if not s.symmetric else 2 ** (s.bits - 1)
-    parts = {f"{name}.qweight": pack(codes + offset, s.bits), f"{name}.scale": scale.contiguous()}
+    parts[f"{name}.qweight"] = pack(codes + offset, s.bits)
     if qt.zero is not None:
         zero = qt.zero.detach().cpu().float()
         if tuple(zero.shape) != scale_shape or not torch.equal(zero, zero.round()):
@@ -151,21 +162,70 @@ def _encode(name: str, qt: QuantizedTensor) -> dict[str, Tensor]:
     return parts
 
 
+def _exact(name: str, what: str, v: Tensor, s: QuantScheme) -> Tensor:
+    stored = v.detach().cpu().to(SCALE_DTYPES[s.scale_dtype])
+    if not torch.equal(stored.float(), v.detach().cpu().float()):
+        raise UserError(f"{name!r}: {what} are not exactly representable in {s.scale_dtype}")
+    return stored.contiguous()
+
+
+def _encode_dq(name: str, kind: str, v: Tensor, s: QuantScheme) -> dict[str, Tensor]:
+    """``v`` (rows, groups) = ``d * c`` as 6-bit codes and per-super-block scales (exactly,
+    else UserError): ``d`` is a super-block's largest value / 63 (see ``double_quantize``)."""
+    v = v.detach().cpu().float()
+    rows, g = v.shape
+    sg = s.super_groups
+    nsb = -(-g // sg)
+    vp = torch.nn.functional.pad(v, (0, nsb * sg - g)).view(rows, nsb, sg)
+    d = vp.amax(-1, keepdim=True) / 63
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    c = vp / d
+    if not torch.equal(c, c.round()) or float(c.min()) < 0 or float(c.max()) > 63 or not torch.equal(d * c, vp):
+        raise UserError(f"{name!r}: {kind}s are not double-quantized 6-bit codes")
+    codes = c.view(rows, nsb * sg)[:, :g].to(torch.int16)
+    return {f"{name}.{kind}_q": pack(codes, DQ_BITS), f"{name}.{kind}_d": _exact(name, kind + " scales", d.view(rows, nsb), s)}
+
+
+def _decode_dq(name: str, kind: str, flat: dict[str, Tensor], s: QuantScheme, shape: tuple[int, int]) -> Tensor:
+    rows, g = shape
+    sg = s.super_groups
+    nsb = -(-g // sg)
+    d = flat[f"{name}.{kind}_d"]
+    if d.dtype != SCALE_DTYPES[s.scale_dtype] or tuple(d.shape) != (rows, nsb):
+        raise ValueError(f"{kind}_d is {d.dtype} {tuple(d.shape)}, expected {(rows, nsb)}")
+    c = unpack(flat[f"{name}.{kind}_q"], DQ_BITS, rows * g).view(rows, g).float()
+    c = torch.nn.functional.pad(c, (0, nsb * sg - g)).view(rows, nsb, sg)
+    return (d.float().unsqueeze(-1) * c).view(rows, nsb * sg)[:, :g].contiguous()
+
+
 def _decode(name: str, entry: dict[str, Any], flat: dict[str, Tensor]) -> QuantizedTensor:
     s = QuantScheme.from_dict(entry["scheme"])
     out, inf = (int(d) for d in entry["shape"])
     scale_shape = (1, 1) if s.granularity == "tensor" else (out, s.n_groups(inf))
-    scale = flat[f"{name}.scale"]
-    if scale.dtype != SCALE_DTYPES[s.scale_dtype] or tuple(scale.shape) != scale_shape:
-        raise ValueError(f"scale is {scale.dtype} {tuple(scale.shape)}, expected {scale_shape}")
+    floatzero = s.zero_point == "float"
+    minimum = None
+    if s.double_quant:
+        scale = _decode_dq(name, "scale", flat, s, scale_shape)
+        if floatzero:
+            minimum = -_decode_dq(name, "min", flat, s, scale_shape)
+    else:
+        scale = flat[f"{name}.scale"]
+        if scale.dtype != SCALE_DTYPES[s.scale_dtype] or tuple(scale.shape) != scale_shape:
+            raise ValueError(f"scale is {scale.dtype} {tuple(scale.shape)}, expected {scale_shape}")
+        scale = scale.float()
+        if floatzero:
+            minimum = flat[f"{name}.min"]
+            if minimum.dtype != SCALE_DTYPES[s.scale_dtype] or tuple(minimum.shape) != scale_shape:
+                raise ValueError(f"min is {minimum.dtype} {tuple(minimum.shape)}, expected {scale_shape}")
+            minimum = minimum.float()
     codes = unpack(flat[f"{name}.qweight"], s.bits, out * inf).view(out, inf)
     zero = None
     if s.symmetric:
         codes = (codes.to(torch.int16) - 2 ** (s.bits - 1)).to(torch.int8)
-    else:
+    elif not floatzero:
         n = scale_shape[0] * scale_shape[1]
         zero = unpack(flat[f"{name}.zero"], s.bits, n).view(scale_shape).float()
-    return QuantizedTensor(codes=codes, scale=scale.float(), zero=zero, scheme=s)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, scheme=s, minimum=minimum)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -38,13 +38,20 @@ class QuantizedTensor:
     - ``scale``: float32, (1, 1) for "tensor", (out, 1) for "channel", (out, n_groups) for
       "group"; its values are exactly representable in ``scheme.scale_dtype``.
     - ``zero``: asymmetric only: integer zero points in [0, 2^b - 1] as float32, shaped like
-      ``scale`` (float, so ``codes - zero`` cannot wrap around); None when symmetric.
+      ``scale`` (float, so ``codes - zero`` cannot wrap around); None when symmetric or with
+      float zero points.
+    - ``minimum``: float zero points only (``scheme.zero_point == "float"``): the group
+      minimums, shaped like ``scale``; the weight is ``scale * codes + minimum``.
+
+    With double-quantized scales, ``scale`` (and ``minimum``) hold ``d * c``: a 6-bit code
+    times its super-block's scale, each product exact in float32.
     """
 
     codes: Tensor
     scale: Tensor
     zero: Tensor | None
     scheme: QuantScheme
+    minimum: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,12 +62,24 @@ class QuantizedTensor:
         out, inf = self.shape
         g = self.scale.shape[1]
         q = self.codes.float().reshape(out, g, inf // g)
+        if self.minimum is not None:
+            w = q * self.scale.float().unsqueeze(-1) + self.minimum.float().unsqueeze(-1)
+            return w.reshape(out, inf)
         if self.zero is not None:
             q = q - self.zero.float().unsqueeze(-1)
         return (q * self.scale.float().unsqueeze(-1)).reshape(out, inf)
 
+    def kernel_zero(self) -> Tensor | None:
+        """The zero point the kernels take (``w = scale (q - zero)``): ``zero``, or for float
+        zero points ``-minimum / scale`` (equal to the stored form up to float32 rounding)."""
+        if self.minimum is not None:
+            return -self.minimum.float() / self.scale.float()
+        return self.zero
+
     def representable_range(self) -> tuple[Tensor, Tensor]:
         """(lo, hi) per scale group, shaped like ``scale``: ``S (qmin - Z)``, ``S (qmax - Z)``."""
+        if self.minimum is not None:
+            return self.minimum.float(), self.minimum.float() + self.scale * self.scheme.qmax
         z = self.zero.float() if self.zero is not None else 0.0
         return self.scale * (self.scheme.qmin - z), self.scale * (self.scheme.qmax - z)
 
@@ -79,6 +98,8 @@ def quantize_tensor(
     g = scheme.n_groups(inf)
     wg = w.reshape(1, 1, -1) if scheme.granularity == "tensor" else w.reshape(out, g, inf // g)
     ratio = _clip_ratio(clip_ratio, out, scheme).to(w.device)
+    if scheme.zero_point == "float":
+        return _quantize_float_zero(w, wg, ratio, scheme)
 
     if scheme.symmetric:
         scale = wg.abs().amax(-1) * ratio / scheme.qmax
@@ -86,7 +107,8 @@ def quantize_tensor(
         lo = wg.amin(-1).clamp(max=0) * ratio
         hi = wg.amax(-1).clamp(min=0) * ratio
         scale = (hi - lo) / scheme.qmax
-    scale = _store_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), scheme)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = double_quantize(scale, scheme) if scheme.double_quant else _store_scale(scale, scheme)
 
     q = torch.round(wg / scale.unsqueeze(-1))
     zero = None
@@ -96,6 +118,47 @@ def quantize_tensor(
     q = q.clamp(scheme.qmin, scheme.qmax).reshape(out, inf)
     codes = q.to(torch.int8 if scheme.symmetric else torch.uint8)
     return QuantizedTensor(codes=codes, scale=scale, zero=zero, scheme=scheme)
+
+
+def _quantize_float_zero(w: Tensor, wg: Tensor, ratio: Tensor, scheme: QuantScheme) -> QuantizedTensor:
+    """``w ~ S q + m`` per group: the clip ratio shrinks ``[min, max]`` about its middle; S is
+    rounded up and m to nearest in the storage format (or double-quantized, m <= 0)."""
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    if scheme.double_quant:  # K-quant minimums are subtracted 6-bit codes: at most 0
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+    lo, hi = mid - half, mid + half
+    if scheme.double_quant:
+        lo = lo.clamp(max=0)
+    scale = (hi - lo) / scheme.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scheme.double_quant:
+        scale = double_quantize(scale, scheme)
+        minimum = -double_quantize(-lo, scheme, at_least_one=False)
+    else:
+        scale = _store_scale(scale, scheme)
+        minimum = lo.to(SCALE_DTYPES[scheme.scale_dtype]).float()
+        if not bool(torch.isfinite(minimum).all()):
+            raise UserError(f"weight range too large for {scheme.scale_dtype} minimums; use scale_dtype='bfloat16'")
+    q = torch.round((wg - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, scheme.qmax)
+    codes = q.reshape(w.shape).to(torch.uint8)
+    return QuantizedTensor(codes=codes, scale=scale, zero=None, scheme=scheme, minimum=minimum)
+
+
+def double_quantize(v: Tensor, scheme: QuantScheme, at_least_one: bool = True) -> Tensor:
+    """Non-negative per-group values ``v`` (rows, groups) as ``d * c``: ``c`` 6-bit codes,
+    ``d`` one ``scheme.scale_dtype`` value per ``super_groups`` groups of a row, rounded up
+    so that the largest value of a super-block gets code 63 (what lets storage recover d as
+    ``max / 63`` exactly). ``at_least_one``: codes of at least 1 (a scale must not be 0)."""
+    rows, g = v.shape
+    sg = scheme.super_groups
+    nsb = -(-g // sg)
+    vp = torch.nn.functional.pad(v.float(), (0, nsb * sg - g)).view(rows, nsb, sg)
+    top = vp.amax(-1, keepdim=True)
+    d = _store_scale(torch.where(top > 0, top / 63, torch.ones_like(top)), scheme)
+    c = torch.round(vp / d).clamp(1 if at_least_one else 0, 63)
+    c = torch.where((vp == top) & (top > 0), torch.full_like(c, 63.0), c)
+    return (d * c).view(rows, nsb * sg)[:, :g].contiguous()
 
 
 def dequantize_tensor(qt: QuantizedTensor) -> Tensor:
