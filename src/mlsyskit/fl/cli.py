@@ -21,6 +21,7 @@ from mlsyskit.fl.config import FLConfig
 from mlsyskit.runtime import add_progress_flag, show_progress
 
 FULL = "full"
+GRPC_ONLY = "--secagg and --compress need the gRPC transport (fl server / fl launch); the collective transport sends float32 models"
 FAULTS = ("nan", "wrong-shape", "garbage", "oversize", "drop-before-mask", "drop-after-mask")  # mirrors grpc_client.FAULTS (kept light)
 
 
@@ -161,7 +162,7 @@ def _collective(args: argparse.Namespace) -> int:
         if full:
             cfg.batch_size = None
         if cfg.resolved().secagg or cfg.compress:
-            raise UserError("--secagg and --compress need the gRPC transport (fl server / fl launch); the collective transport sends float32 models")
+            raise UserError(GRPC_ONLY)
     from mlsyskit.fl import collective
 
     rank, world = collective.init(args.join_timeout)
@@ -211,6 +212,8 @@ def _launch(args: argparse.Namespace) -> int:
     if full:
         flags += ["--batch-size", FULL]
     if args.transport == "torchdist":
+        if cfg.secagg or cfg.compress:  # refused here too, before any rank starts
+            raise UserError(GRPC_ONLY)
         return _launch_ranks(args, argv, flags, args.ranks or n + 1)
     if args.ranks is not None:
         raise UserError("--ranks is for --transport torchdist")
