@@ -3,7 +3,8 @@ means on paper for a GPU cluster.
 
 Runs the embedded SmolLM2-135M (GGUF Q4_1, native kernels; ``--dtype float32`` for the reference
 weights) as: one process with 1 and 2 threads (the baselines), 2 ranks x 1 thread tensor
-parallel, 2 ranks x 1 thread pipeline parallel. For each: prefill speed (one long prompt), decode
+parallel with the all-reduce over gloo sockets (the naive transport) and through shared memory,
+2 ranks x 1 thread pipeline parallel. For each: prefill speed (one long prompt), decode
 speed at batch 1 and batch 8, the bytes all-reduced (TP) or sent between stages (PP) per token,
 and the share of rank 0's step time spent communicating (gloo over 127.0.0.1, including the wait
 for the slower rank). Greedy outputs of every mode are compared with the 1-process run.
@@ -27,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 DEFAULT_OUT = common.RESULTS / "engine_parallel.json"
-MODES = {  # name: (torch threads, tensor parallel, pipeline parallel)
-    "1 process x 1 thread": (1, 1, 1),
-    "1 process x 2 threads": (2, 1, 1),
-    "TP 2 ranks x 1 thread": (1, 2, 1),
-    "PP 2 ranks x 1 thread": (1, 1, 2),
+MODES = {  # name: (torch threads, tensor parallel, pipeline parallel, TP all-reduce)
+    "1 process x 1 thread": (1, 1, 1, "shm"),
+    "1 process x 2 threads": (2, 1, 1, "shm"),
+    "TP 2 ranks x 1 thread (gloo all-reduce)": (1, 2, 1, "gloo"),
+    "TP 2 ranks x 1 thread (shm all-reduce)": (1, 2, 1, "shm"),
+    "PP 2 ranks x 1 thread": (1, 1, 2, "shm"),
 }
 
 
@@ -81,10 +83,10 @@ def run_mode(name: str, model: str | None, dtype: str | None, args: argparse.Nam
 
     from mlsyskit.engine import LLM
 
-    threads, tp, pp = MODES[name]
+    threads, tp, pp, allreduce = MODES[name]
     torch.set_num_threads(threads)  # the workers take the parent's thread count
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    llm = LLM(model, dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp, parallel_allreduce=allreduce)
     start_s = time.perf_counter() - t0
     try:
         vocab = llm.engine.config.vocab_size
@@ -98,7 +100,7 @@ def run_mode(name: str, model: str | None, dtype: str | None, args: argparse.Nam
         llm.close()
     common.log(f"{name}: prefill {prefill['prefill_tok_s']:.0f} tok/s, decode b1 {decode1['decode_tok_s']:.1f}, "
                f"b{args.batch} {decode8['decode_tok_s']:.1f} tok/s")
-    return {"threads": threads, "tensor_parallel": tp, "pipeline_parallel": pp, "startup_s": start_s,
+    return {"threads": threads, "tensor_parallel": tp, "pipeline_parallel": pp, "allreduce": allreduce, "startup_s": start_s,
             "prefill": prefill, "decode_batch1": decode1, f"decode_batch{args.batch}": decode8,
             "greedy_ids": ids1 + ids8}
 
@@ -153,8 +155,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
                                                   (f"decode_batch{b}", "decode_tok_s", f"decode tok/s, batch {b}")],
                                        strict=True):
         vals = [modes[m][key][field] for m in names]
-        ax.bar(range(len(names)), vals, color=["#999", "#555", "#1f77b4", "#ff7f0e"])
-        ax.set_xticks(range(len(names)), [m.replace(" x ", "\nx ") for m in names], fontsize=8)
+        ax.bar(range(len(names)), vals, color=["#999", "#555", "#9ecae1", "#1f77b4", "#ff7f0e"][: len(names)])
+        ax.set_xticks(range(len(names)), [m.replace(" x ", "\nx ").replace(" (", "\n(") for m in names], fontsize=7)
         ax.set_title(title)
         for i, m in enumerate(names):
             share = modes[m][key].get("comm_share")

@@ -40,10 +40,13 @@ def reference(tiny_llama_dir: Path) -> tuple[list[list[int]], dict]:
     return _run(LLM(tiny_llama_dir, dtype="float32"))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_parallel_logits_equal_one_process(tiny_llama_dir: Path, reference, tp: int, pp: int) -> None:
+@pytest.mark.parametrize("tp,pp,allreduce", [(2, 1, "shm"), (2, 1, "gloo"), (1, 2, "shm"), (2, 2, "shm")],
+                         ids=["tp2", "tp2-gloo", "pp2", "tp2xpp2"])
+def test_parallel_logits_equal_one_process(tiny_llama_dir: Path, reference, tp: int, pp: int, allreduce: str) -> None:
     want_ids, want = reference
-    with LLM(tiny_llama_dir, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp) as llm:
+    with LLM(tiny_llama_dir, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             parallel_allreduce=allreduce) as llm:
+        assert (llm._parallel.shm is not None) == (tp > 1 and allreduce == "shm")
         cfg = llm.checkpoint.config
         kv = llm.engine.kv_cache
         # rank 0 holds only its shard: its layers and KV heads

@@ -51,7 +51,9 @@ class LLM:
     M stages (N x M processes in all). The LLM spawns the workers itself (a script doing so needs
     ``if __name__ == "__main__":``), or joins the processes torchrun started. A worker that dies
     raises :class:`~mlsyskit.engine.parallel.WorkerError` (a RuntimeError); a collective waits at
-    most ``parallel_timeout`` seconds. ``close()`` (or ``with LLM(...)``, or garbage collection)
+    most ``parallel_timeout`` seconds. ``parallel_allreduce``: ``"shm"`` sums the TP partials
+    through shared memory (spawned ranks; torchrun ranks use gloo), ``"gloo"`` over sockets.
+    ``close()`` (or ``with LLM(...)``, or garbage collection)
     stops the workers.
     """
 
@@ -81,6 +83,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel_timeout: float = 60.0,
+        parallel_allreduce: str = "shm",
     ) -> None:
         check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)  # before the load
         native = dtype in (None, "auto") and quantization is None
@@ -117,6 +120,7 @@ class LLM:
         self._parallel = start_parallel(
             ckpt, native and kernels.available(), tensor_parallel_size, pipeline_parallel_size, settings,
             pickle_checkpoint=isinstance(model, Checkpoint), timeout=parallel_timeout, quantization=quantization,
+            allreduce=parallel_allreduce,
         )
         try:
             self.engine = LLMEngine(ckpt, **settings, parallel=self._parallel)

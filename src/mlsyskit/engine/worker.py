@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mlsyskit.engine.llm_engine import LLMEngine
-from mlsyskit.engine.parallel import Group, Placement, WorkerError
+from mlsyskit.engine.parallel import ALLREDUCE, Group, Placement, SharedSum, WorkerError
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint
 from mlsyskit.quant.model_io import load_checkpoint
@@ -46,7 +46,7 @@ def torchrun_env() -> tuple[int, int] | None:
 
 def launch(
     checkpoint: Checkpoint, native: bool, placement: Placement, settings: dict[str, Any], *,
-    pickle_checkpoint: bool, timeout: float,
+    pickle_checkpoint: bool, timeout: float, allreduce: str = "shm",
 ) -> Group:
     """Rank 0's :class:`Group` with its workers started (spawned, or already there under
     torchrun). On a torchrun rank other than 0 this serves and then exits the process."""
@@ -70,13 +70,14 @@ def launch(
     store = dist.TCPStore("127.0.0.1", 0, placement.world, is_master=True,
                           timeout=timedelta(seconds=STARTUP_S), wait_for_workers=False)
     source = None if pickle_checkpoint else checkpoint.source
+    shm = SharedSum.allocate(placement) if allreduce == "shm" and placement.tp > 1 else None
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(1, placement.world):
         proc = ctx.Process(
             target=worker_main, daemon=True, name=f"mlsyskit-rank{rank}",
             args=(store.port, placement.at(rank), timeout, source, native,
-                  checkpoint if pickle_checkpoint else None, settings, torch.get_num_threads()),
+                  checkpoint if pickle_checkpoint else None, settings, torch.get_num_threads(), shm),
         )
         proc.start()
         procs.append(proc)
@@ -90,7 +91,7 @@ def launch(
                                   "parallel LLM needs `if __name__ == '__main__':`, see its stderr)" if dead
                                   else "startup timed out")
             time.sleep(0.02)
-        return Group(store, placement, timeout, procs=procs)
+        return Group(store, placement, timeout, procs=procs, shm=shm)
     except BaseException as e:
         _stop(procs)
         why = _worker_errors(store, procs) or (str(e).splitlines() or [type(e).__name__])[0]
@@ -144,14 +145,14 @@ def _serve(group: Group, checkpoint: Checkpoint, settings: dict[str, Any]) -> No
 
 def worker_main(
     port: int, placement: Placement, timeout: float, source: str | None, native: bool,
-    checkpoint: Checkpoint | None, settings: dict[str, Any], threads: int,
+    checkpoint: Checkpoint | None, settings: dict[str, Any], threads: int, shm: tuple[Any, Any] | None = None,
 ) -> None:
     """A spawned worker process."""
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, placement.world, is_master=False, timeout=timedelta(seconds=STARTUP_S))
     try:
         store.set(f"joined{placement.rank}", "1")
-        group = Group(store, placement, timeout)
+        group = Group(store, placement, timeout, shm=shm)
         if checkpoint is None:
             checkpoint = load_checkpoint(Path(source), dtype=torch.float32, native=native)
         _serve(group, checkpoint, settings)
@@ -166,6 +167,7 @@ def worker_main(
 def start_parallel(
     checkpoint: Checkpoint, native: bool, tensor_parallel_size: int, pipeline_parallel_size: int,
     settings: dict[str, Any], *, pickle_checkpoint: bool, timeout: float, quantization: str | None = None,
+    allreduce: str = "shm",
 ) -> Group | None:
     """Check the split and start the ranks (None for a single process); see :func:`launch`."""
     placement = Placement(tensor_parallel_size, pipeline_parallel_size)
@@ -178,4 +180,7 @@ def start_parallel(
         raise UserError("KV offload tiers are not supported with tensor/pipeline parallel inference")
     if timeout <= 0:
         raise UserError(f"parallel_timeout must be positive, got {timeout}")
-    return launch(checkpoint, native, placement, settings, pickle_checkpoint=pickle_checkpoint, timeout=timeout)
+    if allreduce not in ALLREDUCE:
+        raise UserError(f"unknown parallel_allreduce {allreduce!r}; use one of {', '.join(ALLREDUCE)}")
+    return launch(checkpoint, native, placement, settings, pickle_checkpoint=pickle_checkpoint, timeout=timeout,
+                  allreduce=allreduce)
