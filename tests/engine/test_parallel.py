@@ -96,8 +96,11 @@ def test_killed_worker_gives_clear_error(tiny_llama_dir: Path) -> None:
     llm.close()
 
 
-def test_worker_killed_mid_generation(tiny_llama_dir: Path) -> None:
-    llm = LLM(tiny_llama_dir, dtype="float32", pipeline_parallel_size=2)
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)], ids=["pp2", "tp2-shm"])
+def test_worker_killed_mid_generation(tiny_llama_dir: Path, tp: int, pp: int) -> None:
+    """Rank 0 is blocked in a socket receive (PP) or spinning on shared memory (TP) when its
+    peer dies: either way one line within seconds."""
+    llm = LLM(tiny_llama_dir, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp)
     proc = llm._parallel.procs[0]
     stream = llm.stream(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
     next(stream)
@@ -209,3 +212,29 @@ def test_tensor_parallel_other_architectures(arch: str, request: pytest.FixtureR
     assert got_ids == want_ids
     for k, row in want.items():
         torch.testing.assert_close(got[k], row, rtol=0, atol=1e-5)
+
+
+def test_shared_sum_adds_and_notices_a_dead_or_hung_peer() -> None:
+    import threading
+
+    from mlsyskit.engine.parallel import SHM_CHUNK, SharedSum
+
+    p = Placement(2, 1)
+    slots, flags = SharedSum.allocate(p)
+    ranks = [SharedSum(slots, flags, p.at(r), 30.0, lambda: None) for r in range(2)]
+    x = [torch.randn(SHM_CHUNK + 5), torch.randn(SHM_CHUNK + 5)]  # two rounds: a chunk and a tail
+    want = x[0] + x[1]
+    got = [t.clone() for t in x]
+    threads = [threading.Thread(target=ranks[r], args=(got[r],)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    slots, flags = SharedSum.allocate(p)
+    with pytest.raises(RuntimeError, match="rank 1 exited"):
+        SharedSum(slots, flags, p, 30.0, lambda: "rank 1 exited")(torch.ones(8))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out"):
+        SharedSum(slots, flags, p, 0.2, lambda: None)(torch.ones(8))
+    assert time.monotonic() - t0 < 5
