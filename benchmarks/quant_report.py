@@ -64,8 +64,8 @@ OURS: dict[str, list[str] | None] = {
     "int4 RTN g32": ["--bits", "4", "--group-size", "32"],
     "int4 AWQ g32, int8 head": ["--bits", "4", "--group-size", "32", "--method", "awq", "--lm-head", "int8", *CALIB],
     "int4 GPTQ g32, int8 head": ["--bits", "4", "--group-size", "32", "--method", "gptq", "--lm-head", "int8", *CALIB],
-    "int4 AWQ+GPTQ g32, int8 head (preset q4)": ["--preset", "q4", *CALIB],
-    "int4 AWQ+GPTQ g32 float zero, dq scales, int8 head": ["--bits", "4", "--group-size", "32", "--zero-point", "float", "--double-quant", "--method", "awq-gptq", "--lm-head", "int8", *CALIB],
+    "int4 AWQ+GPTQ g32, int8 head": ["--bits", "4", "--group-size", "32", "--method", "awq-gptq", "--lm-head", "int8", *CALIB],
+    "int4 AWQ+GPTQ g32 float zero, dq scales, int8 head (preset q4)": ["--preset", "q4", *CALIB],
     "int3 RTN g32": ["--bits", "3", "--group-size", "32"],
     "int3 AWQ+GPTQ g32, int8 head (preset q3)": ["--preset", "q3", *CALIB],
 }
@@ -113,7 +113,7 @@ def rows(cache: Path) -> dict[str, Path]:
     """Every row's model path (ours: directories; llama.cpp: GGUF files)."""
     out = {name: cache / ("f32.gguf" if flags is None else slug(name)) for name, flags in OURS.items()}
     out.update({f"llama.cpp {t}": cache / f"llama-{t}.gguf" for t in LLAMA_TYPES})
-    return out
+    return {name: path for name, path in out.items() if path.exists()}  # rows prepared so far
 
 
 def prepare(args: argparse.Namespace, cache: Path) -> None:
@@ -150,10 +150,14 @@ def score(args: argparse.Namespace, cache: Path) -> None:
         log(f"{name:55s} ppl {res['perplexity']:.4f} bpw {res['bits_per_weight']:.3f}")
         return name, res
 
+    done = json.loads((cache / "score.json").read_text()) if (cache / "score.json").exists() else {"rows": {}}
+    todo = {n: p for n, p in rows(cache).items() if n not in done["rows"]}  # rows scored before are kept
     with ThreadPoolExecutor(args.jobs) as pool:
-        scored = dict(pool.map(one, rows(cache).items()))
-    check = {f: llama_cpp_check(args, cache / f, held) for f in CHECK_FILES}
-    common.write_json(cache / "score.json", {"rows": scored, "llama_cpp_check": check, "load_average_1min": common.loadavg()})
+        done["rows"].update(pool.map(one, todo.items()))
+    if "llama_cpp_check" not in done:
+        done["llama_cpp_check"] = {f: llama_cpp_check(args, cache / f, held) for f in CHECK_FILES}
+    done["load_average_1min"] = common.loadavg()
+    common.write_json(cache / "score.json", done)
 
 
 def llama_cpp_check(args: argparse.Namespace, path: Path, held: Path) -> dict[str, Any]:
@@ -225,6 +229,8 @@ def report(args: argparse.Namespace, cache: Path) -> None:
     dec = json.loads((cache / "decode.json").read_text()) if (cache / "decode.json").exists() else {}
     table = []
     for name in rows(cache):
+        if name not in sc["rows"]:
+            continue
         s = sc["rows"][name]
         d = dec.get(name, {})
         table.append({
@@ -273,6 +279,8 @@ def _best(table: dict[str, dict[str, Any]], prefix: str, max_bits: float) -> dic
 def goals(by: dict[str, dict[str, Any]], check: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ours, theirs in (("int4", "llama.cpp Q4_K_M"), ("int3", "llama.cpp Q3_K_M")):
+        if theirs not in by:
+            continue
         ref = by[theirs]
         best = _best(by, ours, ref["bits_per_weight"])
         out[f"best_{ours}_beats_{theirs.split()[-1]}_at_same_or_fewer_bits"] = {
@@ -280,8 +288,9 @@ def goals(by: dict[str, dict[str, Any]], check: dict[str, Any]) -> dict[str, Any
             "theirs_perplexity": ref["perplexity"], "theirs_bpw": ref["bits_per_weight"],
             "met": bool(best and best["perplexity"] < ref["perplexity"]),
         }
-    int8 = by["int8 (preset q8)"]["ppl_increase"]
-    out["int8_within_0.5pct"] = {"ppl_increase": int8, "met": int8 <= GOALS["int8_ppl_increase_max"]}
+    if "int8 (preset q8)" in by:
+        int8 = by["int8 (preset q8)"]["ppl_increase"]
+        out["int8_within_0.5pct"] = {"ppl_increase": int8, "met": int8 <= GOALS["int8_ppl_increase_max"]}
     out["llama_cpp_scoring_within_0.5pct"] = {
         "relative_difference": {f: c["relative_difference"] for f, c in check.items()},
         "met": check["llama-Q4_K_M.gguf"]["met"],

