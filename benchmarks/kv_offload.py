@@ -186,7 +186,14 @@ def run_peer(args: argparse.Namespace, gguf: Path, ckpt: Any, prompts: list[list
                 ids = conv[k]
                 t0 = time.perf_counter()
                 n = 0
-                for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+                reset = True
+                if cached:  # what create_completion does (generate() alone never consults the cache)
+                    try:
+                        llm.load_state(llm.cache[ids])  # the longest cached prefix's state
+                        reset = False  # generate() then evaluates only the tokens after it
+                    except KeyError:
+                        pass
+                for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=reset):
                     if n == 0:
                         ttft[k].append(time.perf_counter() - t0)
                     n += 1
