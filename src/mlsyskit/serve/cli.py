@@ -165,6 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
 
         run_server(app, sock, on_ready=ready, log_level=args.log_level, drain_timeout=args.drain_timeout, service=service)
+        service.engine.close()  # --kv-offload disk: the pool's cached blocks and queued writes reach disk
     finally:
         sock.close()
     print("server stopped", file=sys.stderr, flush=True)
