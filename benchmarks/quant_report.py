@@ -321,6 +321,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     fp32 = table[0]["perplexity"]
     ax.axhline(fp32, color="gray", ls="--", lw=1)
     ax.text(ax.get_xlim()[0], fp32, " fp32", va="bottom", fontsize=7, color="gray")
+    ax.set_yscale("log")  # int3 RTN is far above the rest
     ax.set_xlabel("bits per linear weight (scales, minimums and the tied head included)")
     ax.set_ylabel("perplexity, held-out Tiny Shakespeare (our engine scores every row)")
     ax.set_title("SmolLM2-135M: ours (red) vs llama.cpp's quantizers (blue)")
