@@ -89,22 +89,28 @@ def test_bad_settings_are_one_line_errors() -> None:
 READY = re.compile(r"^serving (\S+) on (http://\S+) ", re.M)
 
 
+def _start(cmd: list[str], log, extra_env: dict | None = None) -> tuple[subprocess.Popen, str, str]:
+    """Start a `mlsyskit serve` command line; (process, model name, URL) once it prints its ready line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    env.pop("MLSYSKIT_API_KEY", None)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 180
+    while not (m := READY.search(log.read_text(errors="replace"))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(log.read_text(errors="replace"))
+        time.sleep(0.05)
+    return proc, m.group(1), m.group(2)
+
+
 def test_serve_autoscale_scales_up_then_drains_down(tiny_llama_dir, tmp_path) -> None:
     log = tmp_path / "autoscale.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MLSYSKIT_AUTOSCALE": "up_threshold=2,up_after=2,down_after=3,cooldown=1,interval=0.25"}
-    env.pop("MLSYSKIT_API_KEY", None)
     # one sequence at a time per replica, so concurrent requests queue up
     cmd = [sys.executable, "-m", "mlsyskit", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--threads", "2",
            "--autoscale", "1..2", "--max-model-len", "256", "--num-kv-blocks", "64", "--max-num-seqs", "1"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc, model, url = _start(cmd, log, {"MLSYSKIT_AUTOSCALE": "up_threshold=2,up_after=2,down_after=3,cooldown=1,interval=0.25"})
     try:
-        deadline = time.monotonic() + 180
-        while not (m := READY.search(log.read_text(errors="replace"))):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.05)
-        model, url = m.group(1), m.group(2)
 
         def live() -> list[str]:
             return [b["url"] for b in httpx.get(url + "/health", timeout=5).json()["backends"] if b["alive"] and not b["draining"]]
@@ -188,19 +194,11 @@ def test_unequal_replicas_get_their_specs_and_the_policy_knows_them(tiny_llama_d
     """`serve --replicas 2 --replica-spec A B`: each worker runs with its own KV budget and
     context, and the length-class policy sends a request only the larger context holds there."""
     log = tmp_path / "unequal.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("MLSYSKIT_API_KEY", None)
     cmd = [sys.executable, "-m", "mlsyskit", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--no-rag",
            "--replicas", "2", "--policy", "length-class",
            "--replica-spec", "threads=1,kv=512,ctx=128", "threads=1,kv=2048,ctx=256"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc, model, url = _start(cmd, log)
     try:
-        deadline = time.monotonic() + 180
-        while not (m := READY.search(log.read_text(errors="replace"))):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.05)
-        model, url = m.group(1), m.group(2)
         assert "threads 1/1, router: policy length-class" in log.read_text()
         backends = [b["url"] for b in httpx.get(url + "/health", timeout=5).json()["backends"]]
         seen = {}
