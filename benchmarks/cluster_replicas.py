@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster_replicas_{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    host = {"cpu": _cpu_model(), "cpus": cores,
+    host = {"cpu": common.cpu_model(), "cpus": cores,
             "loadavg_start": common.loadavgs()}
     print(f"[cluster_replicas] starting 3 replicas ({' | '.join(args.replica_spec)}), load {host['loadavg_start']}", flush=True)
     workers = start_workers(specs, logdir)
@@ -380,14 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -140,6 +140,17 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows, else "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def platform_info() -> dict[str, str]:
     return {"platform": platform.platform(), "python": platform.python_version()}
 

@@ -177,11 +177,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     common.save_figure(fig, path)
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios[name] = {k: m[k][f] / ref[k][f] for k, f in (("prefill", "prefill_tok_s"), ("decode_batch1", "decode_tok_s"), (b, "decode_tok_s"))}
     report = {
         **common.run_stamp(),
-        "host": {**common.platform_info(), "cpu": _cpu_model(), "cpus": common.usable_cpus(), "loadavg_start": load0, "loadavg_end": common.loadavgs()},
+        "host": {**common.platform_info(), "cpu": common.cpu_model(), "cpus": common.usable_cpus(), "loadavg_start": load0, "loadavg_end": common.loadavgs()},
         "args": vars(args),
         "modes": modes,
         "speed_vs_1_process_2_threads": ratios,

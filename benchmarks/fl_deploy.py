@@ -66,7 +66,7 @@ DEFAULT_OUT = common.RESULTS / "fl_deploy.json"
 
 def host() -> dict[str, Any]:
     """The CPU model, usable cores and platform of this machine."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    cpu = common.cpu_model()
     return {"cpu": cpu, "cpus": common.usable_cpus(), **common.platform_info()}
 
 

@@ -248,7 +248,7 @@ def report(args: argparse.Namespace, cache: Path) -> None:
         "benchmark": "quant_report",
         "run": common.run_stamp(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs",
-        "cpu_model": _cpu_model(),
+        "cpu_model": common.cpu_model(),
         "load_average_1min": {"score": sc.get("load_average_1min"), "decode_start": dec.get("load_average_1min_start"), "decode_end": dec.get("load_average_1min_end")},
         "reference": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded) dequantized, written as F32 GGUF",
         "heldout": {"text": "last 10 % of Tiny Shakespeare", "tokens": args.eval_tokens, "window": 512},
@@ -261,14 +261,6 @@ def report(args: argparse.Namespace, cache: Path) -> None:
     print_table(result)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _best(table: dict[str, dict[str, Any]], prefix: str, max_bits: float) -> dict[str, Any] | None:
