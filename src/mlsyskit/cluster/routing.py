@@ -67,6 +67,7 @@ class RoutingPolicy:
         self.policy = make_policy(name, seed, **options)
         self.specs = dict(specs or {})
         self._ids = itertools.count()
+        self.learned = 0  # answers whose output length was passed to the policy
 
     def request(self, prompt_tokens: int, max_tokens: int | None) -> RequestInfo:
         """The request as the policy sees it (the oracle reads ``max_tokens`` as the true length)."""
@@ -95,8 +96,6 @@ class RoutingPolicy:
         """Tell a learning policy (``predict``) how many tokens the request produced."""
         self.learned += 1
         self.policy.on_finish(req, output_tokens)
-
-    learned = 0  # answers whose output length was passed to the policy
 
     def describe(self) -> dict[str, Any]:
         """The policy as /health shows it: its name, the answers it learned from and, for

@@ -413,7 +413,7 @@ def serve_replicated(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be at least 1, got {total}")
     per = max(1, total // most)
     flags = worker_flags(args)
-    from mlsyskit.cluster.routing import parse_replica_spec
+    from mlsyskit.cluster.routing import RoutingPolicy, build_routing_policy, parse_replica_spec
 
     spec_texts = getattr(args, "replica_spec", None) or []
     if spec_texts and (scaler is not None or len(spec_texts) != initial):
@@ -428,8 +428,6 @@ def serve_replicated(args: argparse.Namespace) -> int:
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     api_key = getattr(args, "api_key", None) or os.environ.get("MLSYSKIT_API_KEY") or None
-    from mlsyskit.cluster.routing import RoutingPolicy, build_routing_policy
-
     policy = build_routing_policy(getattr(args, "policy", None), [], None)
     if specs and policy is None:  # unequal replicas: a policy that reads their specs
         policy = RoutingPolicy("lot")
