@@ -22,12 +22,12 @@ Counting (decoder-only transformer, grouped-query attention):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlsyskit.errors import UserError
+from mlsyskit.models.config import read_config_json
 
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "fp16": 2.0, "float16": 2.0, "bf16": 2.0, "bfloat16": 2.0,
                "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -195,17 +195,7 @@ def _int(table: dict[str, Any], key: str, default: int | None = None) -> int:
 
 def model_from_hf_config(path: str | Path) -> ModelSpec:
     """A Hugging Face ``config.json`` (or the directory holding it)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    try:
-        hf = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"model config {p} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read model config {p}: {e}") from e
-    if not isinstance(hf, dict):
-        raise UserError(f"{p}: expected a JSON object")
+    p, hf = read_config_json(path)
     if isinstance(hf.get("text_config"), dict):  # multimodal wrappers keep the LM here
         hf = {**hf, **hf["text_config"]}
 

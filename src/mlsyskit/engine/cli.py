@@ -197,10 +197,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _plan_memory(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from mlsyskit.engine.kv_cost import DTYPE_BYTES, count_params, kv_bytes_per_token, plan_memory
     from mlsyskit.errors import UserError
+    from mlsyskit.models.config import read_config_json
     from mlsyskit.models.hf_loader import hf_config
 
     for name in ("gpu_gib", "link_gb_s", "hbm_gb_s"):
@@ -208,16 +208,7 @@ def _plan_memory(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.reserve_gib < 0:
         raise UserError(f"--reserve-gib must be >= 0, got {args.reserve_gib}")
-    path = Path(args.model)
-    path = path / "config.json" if path.is_dir() else path
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"model config {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read model config {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+    path, raw = read_config_json(args.model)
     cfg = hf_config(raw)
     nbytes = DTYPE_BYTES[args.dtype]
     params = count_params(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlsyskit.errors import UserError
@@ -56,3 +58,23 @@ class TransformerConfig:
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A Hugging Face ``config.json`` (or the directory holding it) as ``(file, object)``.
+
+    One reader for every command that takes a model config, so a missing, unreadable or
+    non-object file gives the same one-line :class:`UserError` everywhere.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"model config {p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read model config {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a JSON object (a Hugging Face config.json)")
+    return p, data
