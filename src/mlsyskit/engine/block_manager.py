@@ -65,6 +65,8 @@ class BlockManager:
     def _take_free(self) -> Block:
         bid, _ = self.free.popitem(last=False)
         b = self.blocks[bid]
+        if self.tiers is not None:
+            self.tiers.settle([bid])  # a load still being copied into it finishes first
         if b.hash is not None and self.hash_to_block.get(b.hash) == bid:
             del self.hash_to_block[b.hash]  # its old contents are about to be overwritten
             if self.tiers is not None and b.key is not None:

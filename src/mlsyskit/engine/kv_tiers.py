@@ -20,9 +20,15 @@ the same directory indexes the files it finds.
 
 Only what must move moves: a block already held by a tier is not copied again, the tail of a
 running sequence never leaves the pool, and loads happen only for blocks a request asks for.
-On a CPU host both tiers live in the same memory as the pool, so a block comes back with one
-copy right before the step that needs it (no per-layer prefetch: the copy of a whole prefix is
-~100x faster than recomputing it and is timed as ``copy_wait_s``).
+
+Loads overlap the forward pass (``prefetch=True``): the scheduler only stages a load (a host
+slot, held until the copy is done; a disk hit is first read, verified and put in a host slot),
+and when the step starts a worker thread copies the staged blocks into the pool layer by layer
+while the engine's thread computes; before layer ``l`` runs, the engine waits until layer ``l``
+is in (:meth:`KVTiers.wait_layer`). ``copy_wait_s`` is the time the engine's thread spent
+copying or waiting on a copy, ``copy_s`` the time copies took wherever they ran. With
+``prefetch=False`` every staged block is copied on the engine's thread before the step. A pool
+block with a staged load is never read or reused before its copy is done.
 """
 
 from __future__ import annotations
@@ -287,7 +293,8 @@ class KVTiers:
     """The tiers under one :class:`~mlsyskit.engine.attention.PagedKVCache`'s pools."""
 
     def __init__(self, k_pool: Tensor, v_pool: Tensor, *, host_bytes: float, identity: str, block_size: int,
-                 disk_dir: str | Path | None = None, disk_bytes: float = 0.0, prefix: bool = True) -> None:
+                 disk_dir: str | Path | None = None, disk_bytes: float = 0.0, prefix: bool = True,
+                 prefetch: bool = True) -> None:
         self.k, self.v = k_pool, v_pool  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
         n_layers, _, bs, hkv, d = k_pool.shape
         self.block_shape = (2, n_layers, bs, hkv, d)
@@ -296,10 +303,17 @@ class KVTiers:
         self.disk = None if disk_dir is None else DiskTier(disk_dir, disk_bytes, identity, block_size, k_pool.dtype, self.block_shape)
         self.root = root_key(identity)
         self.prefix = prefix  # keep evicted prefix blocks (False: the tier only holds swapped blocks)
+        self.prefetch = prefetch
         self.stats = dict.fromkeys(
             ("bytes_pool_to_cpu", "bytes_cpu_to_pool", "bytes_disk_to_pool", "cpu_hits", "cpu_lookups",
-             "disk_hits", "disk_lookups", "swap_outs", "swap_ins", "blocks_swapped_out", "blocks_swapped_in"), 0)
-        self.copy_wait_s = 0.0
+             "disk_hits", "disk_lookups", "swap_outs", "swap_ins", "blocks_swapped_out", "blocks_swapped_in",
+             "loads_overlapped", "loads_sync"), 0)
+        self.copy_wait_s = 0.0  # the engine's thread copying or waiting on a copy
+        self.copy_s = 0.0  # copies into the pool, wherever they ran
+        # staged loads: pool block -> (host slot, key and tokens of a cached block | None for a swapped one)
+        self.staged: dict[int, tuple[int, tuple[bytes, tuple[int, ...]] | None]] = {}
+        self._job: _LayerCopy | None = None
+        self._jobs: queue.Queue[_LayerCopy | None] | None = None
 
     # -- pool <-> tier copies --------------------------------------------------------------
     def _block(self, bid: int) -> Tensor:
@@ -316,6 +330,7 @@ class KVTiers:
         """Pool block ``bid`` is about to be reused: keep its contents in the tier(s)."""
         if not self.prefix:
             return
+        self.settle([bid])
         t0 = time.perf_counter()
         if key in self.host.cached:
             self.host.cached.move_to_end(key)
@@ -333,38 +348,122 @@ class KVTiers:
     def persist(self, bid: int, key: bytes, tokens: tuple[int, ...]) -> None:
         """Queue pool block ``bid`` for the disk tier unless it is there already."""
         if self.disk is not None and self.prefix and key not in self.disk:
+            self.settle([bid])
             self.disk.put(key, tokens, self._block(bid))
 
     def load(self, bid: int, key: bytes, tokens: tuple[int, ...]) -> str | None:
-        """Copy the block keyed ``key`` into pool block ``bid``; the tier it came from, or None."""
+        """Stage the block keyed ``key`` for pool block ``bid`` (copied when the next step runs,
+        see :meth:`start`); the tier it came from, or None."""
+        self.stats["cpu_lookups"] += 1
+        hit = self.host.cached.get(key)
+        if hit is not None and hit[1] == tokens:
+            del self.host.cached[key]  # held (not evictable) until the copy is done
+            self.staged[bid] = (hit[0], (key, tokens))
+            self.stats["cpu_hits"] += 1
+            self.stats["bytes_cpu_to_pool"] += self.block_bytes
+            return "cpu"
+        if self.disk is None:
+            return None
+        self.stats["disk_lookups"] += 1
         t0 = time.perf_counter()
         try:
-            self.stats["cpu_lookups"] += 1
-            hit = self.host.cached.get(key)
-            if hit is not None and hit[1] == tokens:
-                self.host.cached.move_to_end(key)
-                self._to_pool(bid, self.host.data[hit[0]])
-                self.stats["cpu_hits"] += 1
-                self.stats["bytes_cpu_to_pool"] += self.block_bytes
-                return "cpu"
-            if self.disk is None:
-                return None
-            self.stats["disk_lookups"] += 1
-            data = self.disk.load(key, tokens)
+            data = self.disk.load(key, tokens)  # read and verified now: a bad file is a miss
             if data is None:
                 return None
-            self._to_pool(bid, data)
             self.stats["disk_hits"] += 1
             self.stats["bytes_disk_to_pool"] += self.block_bytes
+            slot = self.host.take()
+            if slot is None:  # every host slot holds a swapped block: straight into the pool
+                self.settle([bid])
+                self._to_pool(bid, data)
+                return "disk"
+            self.host.data[slot].copy_(data)  # promoted to the host tier, then staged from there
+            self.staged[bid] = (slot, (key, tokens))
             return "disk"
         finally:
             self.copy_wait_s += time.perf_counter() - t0
+
+    # -- staged loads: copied layer by layer, overlapping the forward pass ---------------------
+    def start(self) -> None:
+        """Copy the staged loads into the pool: on the worker thread, layer by layer (the engine
+        calls :meth:`wait_layer` before each layer), or with ``prefetch=False`` all of them now."""
+        if not self.staged or self._job is not None:
+            return
+        job = _LayerCopy(self, dict(self.staged))
+        self.staged.clear()
+        if not self.prefetch:
+            t0 = time.perf_counter()
+            job.run()
+            self.copy_wait_s += time.perf_counter() - t0
+            self._finish(job)
+            return
+        if self._jobs is None:
+            self._jobs = queue.Queue()
+            threading.Thread(target=self._copy_loop, name="kv-prefetch", daemon=True).start()
+        self._job = job
+        self._jobs.put(job)
+
+    def _copy_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job.run()
+
+    def wait_layer(self, layer: int) -> None:
+        """Block until layer ``layer`` of the loads in flight is in the pool."""
+        job = self._job
+        if job is not None and job.done_layers <= layer:
+            t0 = time.perf_counter()
+            job.wait(layer + 1)
+            self.copy_wait_s += time.perf_counter() - t0
+
+    def complete(self) -> None:
+        """Every staged or in-flight load is in the pool (its host slots go back)."""
+        if self._job is not None:
+            job, self._job = self._job, None
+            t0 = time.perf_counter()
+            job.wait(job.n_layers)
+            self.copy_wait_s += time.perf_counter() - t0
+            self._finish(job)
+        if self.staged:
+            prefetch, self.prefetch = self.prefetch, False
+            try:
+                self.start()
+            finally:
+                self.prefetch = prefetch
+
+    def settle(self, bids: list[int]) -> None:
+        """Complete the loads first if any of pool blocks ``bids`` has one pending (the block
+        is about to be read, or reused for other tokens)."""
+        job = self._job
+        if (self.staged or job is not None) and any(b in self.staged or (job is not None and b in job.items) for b in bids):
+            self.complete()
+
+    def pending(self, tables: Tensor | None) -> bool:
+        """Whether a load is staged or in flight into a block of ``tables`` (block ids; None:
+        unknown, so any load counts)."""
+        bids = list(self.staged) + (list(self._job.items) if self._job is not None else [])
+        if not bids:
+            return False
+        return tables is None or bool(torch.isin(tables.long(), torch.tensor(bids)).any())
+
+    def _finish(self, job: _LayerCopy) -> None:
+        if job.error is not None:
+            raise job.error
+        self.copy_s += job.seconds
+        self.stats["loads_overlapped" if self.prefetch else "loads_sync"] += len(job.items)
+        for slot, cached in job.items.values():
+            if cached is None:  # a swapped block is back: its slot is free
+                self.release([slot])
+            elif cached[0] in self.host.cached:  # saved again meanwhile: keep one copy
+                self.host.free.append(slot)
+            else:
+                self.host.cached[cached[0]] = (slot, cached[1])
 
     # -- swap -------------------------------------------------------------------------------
     def swap_out(self, bids: list[int]) -> list[int] | None:
         """Copy pool blocks ``bids`` to pinned host slots; None when the tier has no room."""
         if self.host.room() < len(bids):
             return None
+        self.settle(bids)
         t0 = time.perf_counter()
         slots = [self.host.take() for _ in bids]
         idx, src = torch.tensor(slots), torch.tensor(bids)
@@ -378,16 +477,13 @@ class KVTiers:
         return slots  # type: ignore[return-value]
 
     def swap_in(self, slots: list[int], bids: list[int]) -> None:
-        """Copy swapped blocks back into pool blocks ``bids`` and free their slots."""
-        t0 = time.perf_counter()
-        idx, dst = torch.tensor(slots), torch.tensor(bids)
-        self.k.index_copy_(1, dst, self.host.data[idx, 0].transpose(0, 1))
-        self.v.index_copy_(1, dst, self.host.data[idx, 1].transpose(0, 1))
+        """Stage swapped blocks to go back into pool blocks ``bids``; their slots are freed once
+        the copy is done."""
+        for slot, bid in zip(slots, bids, strict=True):
+            self.staged[bid] = (slot, None)
         self.stats["swap_ins"] += 1
         self.stats["blocks_swapped_in"] += len(slots)
         self.stats["bytes_cpu_to_pool"] += len(slots) * self.block_bytes
-        self.release(slots)
-        self.copy_wait_s += time.perf_counter() - t0
 
     def release(self, slots: list[int]) -> None:
         """Give swapped slots back (the sequence resumed, finished or was aborted)."""
@@ -403,6 +499,7 @@ class KVTiers:
             "cpu_blocks_total": self.host.n_slots,
             "cpu_hit_rate": s["cpu_hits"] / s["cpu_lookups"] if s["cpu_lookups"] else 0.0,
             "copy_wait_s": self.copy_wait_s,
+            "copy_s": self.copy_s,
             **{k: float(v) for k, v in s.items()},
         }
         if self.disk is not None:
@@ -416,9 +513,54 @@ class KVTiers:
         return out
 
     def flush(self) -> None:
+        self.complete()
         if self.disk is not None:
             self.disk.flush()
 
     def close(self) -> None:
+        self.complete()
+        if self._jobs is not None:
+            self._jobs.put(None)
         if self.disk is not None:
             self.disk.close()
+
+
+class _LayerCopy:
+    """One step's staged loads, copied into the pool one layer at a time (all blocks of layer
+    ``l`` before any of layer ``l + 1``); ``done_layers`` says how far it got."""
+
+    def __init__(self, tiers: KVTiers, items: dict[int, tuple[int, tuple[bytes, tuple[int, ...]] | None]]) -> None:
+        self.tiers, self.items = tiers, items
+        self.n_layers = tiers.k.shape[0]
+        self.done_layers = 0
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        t = self.tiers
+        try:
+            dst = torch.tensor(list(self.items), dtype=torch.long)
+            src = torch.tensor([slot for slot, _ in self.items.values()], dtype=torch.long)
+            with torch.inference_mode():
+                for layer in range(self.n_layers):
+                    t.k[layer].index_copy_(0, dst, t.host.data[:, 0, layer].index_select(0, src))
+                    t.v[layer].index_copy_(0, dst, t.host.data[:, 1, layer].index_select(0, src))
+                    with self.cond:
+                        self.done_layers = layer + 1
+                        self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - t0
+            with self.cond:
+                self.done_layers = self.n_layers
+                self.cond.notify_all()
+
+    def wait(self, layers: int) -> None:
+        with self.cond:
+            while self.done_layers < layers:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error

@@ -43,7 +43,9 @@ class LLM:
     pool evicts in ``kv_offload_gib`` GiB of host memory (and swaps preempted sequences there);
     ``"disk"`` adds memory-mapped files under ``kv_offload_dir`` (``kv_disk_gib`` GiB) that a
     restarted engine reuses. ``preemption``: ``"auto"`` swaps or recomputes by the cost model
-    (:class:`~mlsyskit.engine.kv_cost.SwapPolicy`), ``"swap"``/``"recompute"`` force it. The
+    (:class:`~mlsyskit.engine.kv_cost.SwapPolicy`), ``"swap"``/``"recompute"`` force it.
+    ``kv_prefetch``: blocks coming back from a tier are copied in layer by layer on a worker
+    thread while the layers before compute (False: all copied before the step). The
     other arguments are those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
 
     Parallel inference (:mod:`mlsyskit.engine.parallel`): ``tensor_parallel_size=N`` splits each
@@ -80,6 +82,7 @@ class LLM:
         kv_offload_dir: str | Path | None = None,
         preemption: str = "auto",
         kv_tier_prefix: bool = True,
+        kv_prefetch: bool = True,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel_timeout: float = 60.0,
@@ -115,6 +118,7 @@ class LLM:
             kv_offload_dir=kv_offload_dir,
             preemption=preemption,
             kv_tier_prefix=kv_tier_prefix,
+            kv_prefetch=kv_prefetch,
         )
         # ranks > 1: spawn the workers first, so they load while this process does
         self._parallel = start_parallel(

@@ -69,6 +69,7 @@ class LLMEngine:
         kv_offload_dir: str | Path | None = None,
         preemption: str = "auto",
         kv_tier_prefix: bool = True,
+        kv_prefetch: bool = True,
     ) -> None:
         if batching not in BATCHING:
             raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
@@ -132,6 +133,7 @@ class LLMEngine:
                     self.kv_cache.k, self.kv_cache.v, host_bytes=kv_offload_gib * 2**30, identity=identity,
                     block_size=block_size, disk_dir=kv_offload_dir if kv_offload == "disk" else None,
                     disk_bytes=kv_disk_gib * 2**30, prefix=kv_tier_prefix and prefix_caching,
+                    prefetch=kv_prefetch,
                 )
                 if preemption != "recompute":
                     swap_policy = SwapPolicy(preemption, per_block / block_size, measure_copy_bandwidth())
@@ -145,6 +147,7 @@ class LLMEngine:
             self.runner: ModelRunner = ParallelRunner(self.model, self.kv_cache, parallel)
         else:
             self.runner = ModelRunner(self.model, self.kv_cache)
+            self.runner.tiers = self.kv_tiers  # loads staged by the scheduler are copied during the step
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(self.tokenizer.eos_ids)
         self.num_steps = 0

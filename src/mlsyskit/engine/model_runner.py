@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mlsyskit.engine.attention import PagedKVCache, PrefillChunk, StepMeta
 from mlsyskit.engine.fused_decode import FusedDecoder
+from mlsyskit.engine.kv_tiers import KVTiers
 from mlsyskit.engine.sampling import sample
 from mlsyskit.engine.sequence import Sequence
 from mlsyskit.models.transformer import Transformer
@@ -68,6 +69,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.logits_log: list[tuple[tuple[int, ...], Tensor]] | None = None  # a list: (tokens, logits) of each sample
+        self.tiers: KVTiers | None = None  # KV tiers: their staged loads are copied in during the step
         # decode-only steps of a quantized Llama-family model: one C call per layer
         self.fused = FusedDecoder(model, kv) if fused and FusedDecoder.supports(model, kv) else None
 
@@ -80,7 +82,14 @@ class ModelRunner:
         # Decodes first: they are batched into one attention call per layer.
         order = sorted(range(len(batch)), key=lambda i: batch[i][1] != 1)
         batch = [batch[i] for i in order]
-        logits_rows = self._forward(batch)
+        if self.tiers is not None:  # blocks back from a tier: copied layer by layer meanwhile
+            self.tiers.start()
+            try:
+                logits_rows = self._forward(batch)
+            finally:
+                self.tiers.complete()
+        else:
+            logits_rows = self._forward(batch)
         tokens = self._sample(batch, logits_rows)
         out: list[int | None] = [None] * len(batch)
         for pos, i in enumerate(order):
@@ -159,6 +168,8 @@ class ModelRunner:
         ids_t, pos_t, slots_t, meta = inputs.ids, inputs.positions, inputs.slots, inputs.meta
         nd = meta.num_decode
         if self.fused is not None and 0 < nd <= self.fused.max_rows:
+            if self.tiers is not None and self.tiers.pending(meta.decode_tables):
+                self.tiers.complete()  # a decode row reads a block still being copied in
             # Decode rows always take the fused path, whatever else is in the step, so a
             # token's result never depends on its neighbours (quantized activations turn
             # float32 rounding differences into rounding flips); prefills take the modules.
@@ -175,10 +186,11 @@ class ModelRunner:
     def _modules_forward(self, ids: Tensor, positions: Tensor, meta: StepMeta, x: Tensor | None = None) -> Tensor:
         """Hidden states of the step's rows through the model's modules and the paged cache."""
         self.kv.meta = meta
+        kv = self.kv if self.tiers is None else _TierWaitKV(self.kv, self.tiers)
         try:
             if x is not None:
-                return self.model.forward_hidden(x, positions, self.kv)
-            return self.model.forward_tokens(ids, positions, self.kv)
+                return self.model.forward_hidden(x, positions, kv)
+            return self.model.forward_tokens(ids, positions, kv)
         finally:
             self.kv.meta = None
 
@@ -206,3 +218,15 @@ class ModelRunner:
             logits = self.model(torch.tensor(seq.token_ids).unsqueeze(0))
             rows.append(logits[0, -1])
         return self._sample(batch, rows)
+
+
+class _TierWaitKV:
+    """The paged cache as the model sees it while tier loads are copied in: layer ``i`` is
+    handed out once its blocks are in the pool."""
+
+    def __init__(self, kv: PagedKVCache, tiers: KVTiers) -> None:
+        self.kv, self.tiers = kv, tiers
+
+    def layer(self, i: int) -> object:
+        self.tiers.wait_layer(i)
+        return self.kv.layer(i)
