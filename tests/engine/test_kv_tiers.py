@@ -66,12 +66,13 @@ def test_greedy_output_is_the_same_with_swap_and_recompute(ckpt: Checkpoint, ref
     _assert_all_back(llm)
 
 
-def test_a_conversations_second_turn_hits_the_tier_after_eviction(ckpt: Checkpoint) -> None:
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_conversations_second_turn_hits_the_tier_after_eviction(ckpt: Checkpoint, prefetch: bool) -> None:
     a, *others = _ids(ckpt)
     turn1 = _greedy(LLM(ckpt, kv_cache=False), [a])[0]
     turn2 = a + turn1 + ckpt.tokenizer.encode(" And Ophelia?")
     expected = _greedy(LLM(ckpt, kv_cache=False), [turn2])[0]
-    llm = LLM(ckpt, **TINY, kv_offload="cpu")
+    llm = LLM(ckpt, **TINY, kv_offload="cpu", kv_prefetch=prefetch)
     assert _greedy(llm, [a])[0] == turn1
     for p in others:  # other conversations take every pool block: turn 1's blocks are evicted
         _greedy(llm, [[7, 8, 9] + p[::-1]])
@@ -80,7 +81,12 @@ def test_a_conversations_second_turn_hits_the_tier_after_eviction(ckpt: Checkpoi
     u = llm.engine.kv_usage()
     full_blocks = (len(a) + len(turn1) - 1) // 4  # the KV turn 1 left: prompt + reply, full blocks only
     assert u["tier_hit_tokens"] >= 4 * (full_blocks - 2), u  # nearly all of it came back from the tier
-    assert u["tier_cpu_hits"] > 0 and u["tier_bytes_cpu_to_pool"] > 0 and u["tier_copy_wait_s"] > 0
+    assert u["tier_cpu_hits"] > 0 and u["tier_bytes_cpu_to_pool"] > 0 and u["tier_copy_s"] > 0
+    # the loads were copied on the worker thread during the step, or (prefetch off) before it
+    assert u["tier_loads_overlapped" if prefetch else "tier_loads_sync"] >= u["tier_cpu_hits"], u
+    assert u["tier_loads_sync" if prefetch else "tier_loads_overlapped"] == 0, u
+    if not prefetch:  # every copy ran on the engine's thread
+        assert u["tier_copy_wait_s"] >= u["tier_copy_s"] > 0
     assert llm.engine.block_manager.prefix_hits - pool_hit >= u["tier_hit_tokens"]
     # without the tier the same run recomputes turn 1: no hit survives the other conversations
     plain = LLM(ckpt, **TINY)
@@ -91,6 +97,55 @@ def test_a_conversations_second_turn_hits_the_tier_after_eviction(ckpt: Checkpoi
     assert _greedy(plain, [turn2])[0] == expected
     assert plain.engine.block_manager.prefix_hits - before < u["tier_hit_tokens"]
     _assert_all_back(llm)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_greedy_output_is_the_same_with_loads_copied_before_the_step(ckpt: Checkpoint, reference: list, offload: str,
+                                                                     tmp_path: Path) -> None:
+    """The naive switch (kv_prefetch=False) and the overlapped copy give the same tokens, with
+    swaps and tier hits (two rounds: the second finds the first's prefixes in a tier)."""
+    outs = {}
+    for prefetch in (True, False):
+        kw = {"kv_offload_dir": tmp_path / str(prefetch)} if offload == "disk" else {}
+        llm = LLM(ckpt, **TINY, kv_offload=offload, preemption="swap", kv_prefetch=prefetch, **kw)
+        outs[prefetch] = [_greedy(llm, _ids(ckpt)), _greedy(llm, [[7] + p for p in _ids(ckpt)]), _greedy(llm, _ids(ckpt))]
+        u = llm.engine.kv_usage()
+        assert u["tier_blocks_swapped_in"] > 0 and u["tier_cpu_hits"] + u.get("tier_disk_hits", 0) > 0, u
+        _assert_all_back(llm)
+    assert outs[True][0] == outs[True][2] == reference
+    assert outs[True] == outs[False]
+
+
+def test_staged_loads_arrive_layer_by_layer_and_before_reuse(ckpt: Checkpoint) -> None:
+    """KVTiers alone: a staged load is in the pool once wait_layer/complete say so, its host
+    slot goes back to the cache, and a block about to be reused gets its copy first."""
+    import torch
+
+    from mlsyskit.engine.kv_tiers import KVTiers, chain_key, root_key
+
+    k = torch.randn(3, 6, 4, 2, 8)
+    v = torch.randn(3, 6, 4, 2, 8)
+    tiers = KVTiers(k, v, host_bytes=4 * 2 * k[:, 0].nbytes, identity="x", block_size=4)
+    toks = (1, 2, 3, 4)
+    key = chain_key(root_key("x"), toks)
+    want_k, want_v = k[:, 0].clone(), v[:, 0].clone()
+    tiers.save(0, key, toks)  # block 0's KV kept in the host tier
+    assert tiers.load(5, key, toks) == "cpu"
+    assert key not in tiers.host.cached  # held while staged: an eviction cannot take its slot
+    tiers.start()
+    for layer in range(3):
+        tiers.wait_layer(layer)
+        assert torch.equal(k[layer, 5], want_k[layer]) and torch.equal(v[layer, 5], want_v[layer])
+    tiers.complete()
+    assert key in tiers.host.cached and not tiers.staged and tiers.usage()["loads_overlapped"] == 1
+    k[:, 4] = 0
+    assert tiers.load(4, key, toks) == "cpu"
+    assert tiers.pending(torch.tensor([[4, 1]])) and not tiers.pending(torch.tensor([[2, 3]]))
+    tiers.settle([3])  # another block: nothing copied yet
+    assert tiers.staged and not torch.equal(k[:, 4], want_k)
+    tiers.settle([4])  # block 4 is about to be read or reused: its copy is done first
+    assert not tiers.staged and torch.equal(k[:, 4], want_k) and torch.equal(v[:, 4], want_v)
+    tiers.close()
 
 
 def test_tier_prefix_off_keeps_only_swapped_blocks(ckpt: Checkpoint, reference: list) -> None:
