@@ -212,6 +212,7 @@ def summarize(name: str, run: dict[str, Any], n_turns: int) -> dict[str, Any]:
         "bytes_moved": {k.removeprefix("tier_"): u[k] for k in u if k.startswith("tier_bytes")},
         "copy_wait_s": round(u.get("tier_copy_wait_s", 0.0), 4),
         "copy_s": round(u.get("tier_copy_s", 0.0), 4),
+        "load_wait_s": round(u.get("tier_load_wait_s", 0.0), 4),
         "preemptions": u.get("preemptions"), "preemptions_swapped": u.get("preemptions_swapped"),
         "hit_rate_cpu": u.get("tier_cpu_hit_rate"), "hit_rate_disk": u.get("tier_disk_hit_rate"),
         "tier_hit_tokens": u.get("tier_hit_tokens"), "prefix_hit_rate": round(u["prefix_hit_rate"], 4),

@@ -26,7 +26,8 @@ slot, held until the copy is done; a disk hit is first read, verified and put in
 and when the step starts a worker thread copies the staged blocks into the pool layer by layer
 while the engine's thread computes; before layer ``l`` runs, the engine waits until layer ``l``
 is in (:meth:`KVTiers.wait_layer`). ``copy_wait_s`` is the time the engine's thread spent
-copying or waiting on a copy, ``copy_s`` the time copies took wherever they ran. With
+copying or waiting on a copy (``load_wait_s`` of it for blocks coming in: disk reads, copies
+into the pool), ``copy_s`` the time the copies into the pool took wherever they ran. With
 ``prefetch=False`` every staged block is copied on the engine's thread before the step. A pool
 block with a staged load is never read or reused before its copy is done.
 """
@@ -310,6 +311,7 @@ class KVTiers:
              "loads_overlapped", "loads_sync"), 0)
         self.copy_wait_s = 0.0  # the engine's thread copying or waiting on a copy
         self.copy_s = 0.0  # copies into the pool, wherever they ran
+        self.load_wait_s = 0.0  # of copy_wait_s: bringing blocks in (disk reads, copies into the pool)
         # staged loads: pool block -> (host slot, key and tokens of a cached block | None for a swapped one)
         self.staged: dict[int, tuple[int, tuple[bytes, tuple[int, ...]] | None]] = {}
         self._job: _LayerCopy | None = None
@@ -381,7 +383,9 @@ class KVTiers:
             self.staged[bid] = (slot, (key, tokens))
             return "disk"
         finally:
-            self.copy_wait_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.copy_wait_s += dt
+            self.load_wait_s += dt
 
     # -- staged loads: copied layer by layer, overlapping the forward pass ---------------------
     def start(self) -> None:
@@ -394,7 +398,7 @@ class KVTiers:
         if not self.prefetch:
             t0 = time.perf_counter()
             job.run()
-            self.copy_wait_s += time.perf_counter() - t0
+            self._waited(time.perf_counter() - t0)
             self._finish(job)
             return
         if self._jobs is None:
@@ -413,7 +417,11 @@ class KVTiers:
         if job is not None and job.done_layers <= layer:
             t0 = time.perf_counter()
             job.wait(layer + 1)
-            self.copy_wait_s += time.perf_counter() - t0
+            self._waited(time.perf_counter() - t0)
+
+    def _waited(self, seconds: float) -> None:
+        self.copy_wait_s += seconds
+        self.load_wait_s += seconds
 
     def complete(self) -> None:
         """Every staged or in-flight load is in the pool (its host slots go back)."""
@@ -421,7 +429,7 @@ class KVTiers:
             job, self._job = self._job, None
             t0 = time.perf_counter()
             job.wait(job.n_layers)
-            self.copy_wait_s += time.perf_counter() - t0
+            self._waited(time.perf_counter() - t0)
             self._finish(job)
         if self.staged:
             prefetch, self.prefetch = self.prefetch, False
@@ -500,6 +508,7 @@ class KVTiers:
             "cpu_hit_rate": s["cpu_hits"] / s["cpu_lookups"] if s["cpu_lookups"] else 0.0,
             "copy_wait_s": self.copy_wait_s,
             "copy_s": self.copy_s,
+            "load_wait_s": self.load_wait_s,
             **{k: float(v) for k, v in s.items()},
         }
         if self.disk is not None:
