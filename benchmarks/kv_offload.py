@@ -254,13 +254,15 @@ def run_peer(args: argparse.Namespace, gguf: Path, prompts: list[list[list[int]]
         elif cache == "disk":
             tmp = tempfile.mkdtemp(prefix="kv_offload_llamacpp_")
             llm.set_cache(LlamaDiskCache(cache_dir=tmp, capacity_bytes=2 << 30))
+        llm.verbose = cache != "none"  # create_completion then says "cache hit" / "cache miss"
         ttft: dict[int, list[float]] = {k: [] for k in range(n_turns)}
+        log = io.StringIO()
         t_all = time.perf_counter()
         for k in range(n_turns):
             for conv in prompts:
                 t0 = time.perf_counter()
                 n = 0
-                with contextlib.redirect_stderr(io.StringIO()):  # LlamaDiskCache prints on every write
+                with contextlib.redirect_stderr(log):  # LlamaDiskCache prints on every write
                     for _chunk in llm.create_completion(conv[k], max_tokens=args.reply_tokens, temperature=0.0, top_k=1,
                                                         top_p=1.0, min_p=0.0, repeat_penalty=1.0, stream=True):
                         if n == 0:
@@ -273,6 +275,8 @@ def run_peer(args: argparse.Namespace, gguf: Path, prompts: list[list[list[int]]
             "ttft_p50_turns_2plus_s": common.percentile(later, 50),
             "ttft_p99_turns_2plus_s": common.percentile(later, 99),
             "wall_s": round(time.perf_counter() - t_all, 2),
+            "cache_hits": log.getvalue().count("_create_completion: cache hit"),
+            "cache_misses": log.getvalue().count("_create_completion: cache miss"),
         }
         del llm
         if tmp is not None:
