@@ -9,7 +9,13 @@ lr 0.05, McMahan's 2NN (199,210 parameters, same init), central test accuracy ea
   ours-int8       the same with --compress int8
   ours-dp         the same with --dp-clip 1 --dp-noise-multiplier 0.1 (server noise)
   ours-secagg-dp  --secagg and DP: the clients add the noise
-  ours-torchdist  `fl launch --transport torchdist --ranks 11` (gloo broadcast/gather)
+  ours-torchdist  `fl launch --transport torchdist --ranks 11` (gloo broadcast, one weighted all_reduce)
+  ours-torchdist-gather  the same with --aggregation gather (every model gathered to rank 0)
+  ours-50, ours-secagg-50  `fl launch --clients 50 --clients-per-process 10` (5 client processes
+                  hosting 10 clients each, every client its own gRPC session), without and with
+                  --secagg (threshold 26)
+  collective-ops  gather vs all_reduce alone: 11 gloo ranks, a 2nn-sized float32 vector, timed on
+                  rank 0 after a barrier, and the bytes that crossed loopback (/proc/net/dev)
   flower          Flower's Deployment Runtime: flower-superlink + 10 flower-supernode, the
                   App (fl_deploy_flower_app.py, Message API FedAvg) submitted with `flwr run`
   flower-secagg   the same with Flower's SecAgg+ workflow (secaggplus_mod), threshold 6
@@ -25,7 +31,8 @@ Also, in this process: the cost of secure aggregation's four phases with 10 and 
 and the DP curve: test accuracy against epsilon for 5 noise multipliers (simulation, logreg,
 100 clients a round, 5 rounds).
 
-Run:  flock -x /tmp/quiet.lock .venv/bin/python benchmarks/fl_deploy.py [--rounds 5] [--quick]
+Run:  /tmp/qb .venv/bin/python benchmarks/fl_deploy.py [--rounds 5] [--quick]
+      (split: --systems A,B --merge --no-extras adds/replaces those systems in the existing JSON)
 Results: benchmarks/results/fl_deploy.json and .png.
 """
 
@@ -59,7 +66,11 @@ OURS = {
     "ours-dp": ["--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
     "ours-secagg-dp": ["--secagg", "--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
     "ours-torchdist": ["--transport", "torchdist"],
+    "ours-torchdist-gather": ["--transport", "torchdist", "--aggregation", "gather"],
+    "ours-50": ["--clients-per-process", "10"],
+    "ours-secagg-50": ["--secagg", "--clients-per-process", "10"],
 }
+SYSTEM_CLIENTS = {"ours-50": 50, "ours-secagg-50": 50}  # else --clients
 FLOWER = {"flower": "plain", "flower-secagg": "secagg"}
 DEFAULT_OUT = common.RESULTS / "fl_deploy.json"
 
@@ -95,7 +106,8 @@ def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the systems, each run in a child process -------------------------------------------------
 def run_ours(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     out = tmp / "run"
-    cmd = [sys.executable, "-m", "mlsyskit", "fl", "launch", "--clients", str(args.clients), "--rounds", str(args.rounds),
+    clients = SYSTEM_CLIENTS.get(name, args.clients)
+    cmd = [sys.executable, "-m", "mlsyskit", "fl", "launch", "--clients", str(clients), "--rounds", str(args.rounds),
            *RUN, *OURS[name], "--out", str(out), "--round-timeout", "300", "--no-progress"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -106,7 +118,62 @@ def run_ours(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r["round_s"] = r["wall_s"]
-    return {"system": name, "command": " ".join(cmd[1:]), "total_s": time.perf_counter() - t0, **_summarise(rows), "per_round": rows}
+    return {"system": name, "clients": clients, "command": " ".join(cmd[1:]), "total_s": time.perf_counter() - t0, **_summarise(rows),
+            "per_round": rows}
+
+
+def _loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (every process of the machine)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[0])
+    return 0
+
+
+def collective_rank(rank: int, world: int, port: int, size: int, repeats: int) -> None:
+    """One rank of collective-ops: time gather and all_reduce of `size` float32 values."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    x = torch.randn(size)
+    out: dict[str, Any] = {}
+    for op in ("gather", "all_reduce", "gather", "all_reduce"):  # each twice: the first pass warms up
+        times = []
+        dist.barrier()
+        before = _loopback_bytes()
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if op == "gather":
+                dist.gather(x, [torch.empty(size) for _ in range(world)] if rank == 0 else None, dst=0)
+            else:
+                dist.all_reduce(x.clone())
+            times.append(time.perf_counter() - t0)
+        dist.barrier()
+        lo = _loopback_bytes() - before
+        # the barriers' own bytes are a few hundred per round: negligible next to MBs
+        out[op] = {"median_s": sorted(times)[len(times) // 2], "min_s": min(times), "loopback_bytes_per_op": lo / repeats}
+    if rank == 0:
+        print(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def run_collective_ops(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    world, size, repeats = args.clients + 1, 199_210, 20
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--collective-rank", f"{r},{world},{port},{size},{repeats}"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(world)]
+    outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"collective-ops ranks exited {[p.returncode for p in procs]}")
+    got = json.loads(outs[0].strip().splitlines()[-1])
+    return {"system": name, "world": world, "floats": size, "repeats": repeats, "payload_bytes_per_rank": 4 * size, **got}
 
 
 def run_naive(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -199,7 +266,7 @@ def run_flower(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
             **_summarise(rows), "per_round": rows}
 
 
-RUNNERS = {**{n: run_ours for n in OURS}, **{n: run_flower for n in FLOWER}, "naive": run_naive}
+RUNNERS = {**{n: run_ours for n in OURS}, **{n: run_flower for n in FLOWER}, "naive": run_naive, "collective-ops": run_collective_ops}
 
 
 # -- in this process: secure aggregation's cost, and the DP curve --------------------------------
@@ -270,7 +337,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=CLIENTS)
-    p.add_argument("--systems", default="ours,flower,ours-secagg,flower-secagg,ours-int8,ours-secagg-dp,ours-torchdist,naive")
+    p.add_argument("--systems", default="ours,flower,ours-secagg,flower-secagg,ours-int8,ours-secagg-dp,ours-torchdist,"
+                   "ours-torchdist-gather,collective-ops,ours-50,ours-secagg-50,naive")
     p.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--dp-rounds", type=int, default=5)
     p.add_argument("--data-dir", default=common.default_data_dir())
@@ -278,15 +346,25 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child: run one system, print JSON
     p.add_argument("--quick", action="store_true", help="2 rounds, 3 noise levels: a smoke run")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other systems (and, with --no-extras, the secagg cost and DP curve) of the existing --out JSON: "
+                   "a long benchmark split into several exclusive runs")
+    p.add_argument("--no-extras", action="store_true", help="skip the in-process secagg cost and DP curve")
+    p.add_argument("--collective-rank", default=None, help=argparse.SUPPRESS)  # child of collective-ops
     args = p.parse_args()
+    if args.collective_rank:
+        collective_rank(*map(int, args.collective_rank.split(",")))
+        return
     if args.quick:
         args.rounds, args.noise, args.dp_rounds = 2, [0.5, 1.0, 4.0], 3
     if args.system:
         with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
             print(json.dumps(RUNNERS[args.system](args.system, args, Path(tmp))))
         return
+    prev = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
     load_before = common.loadavgs()
-    systems = []
+    common.log(f"fl_deploy: uptime {Path('/proc/loadavg').read_text().strip()}")
+    systems: list[dict[str, Any]] = []
     for name in common.split_names(args.systems):
         common.log(f"fl_deploy: {name}")
         cmd = [sys.executable, __file__, "--system", name, "--rounds", str(args.rounds), "--clients", str(args.clients),
@@ -299,32 +377,53 @@ def main() -> None:
         if proc.returncode != 0 or not text:
             systems.append({"system": name, "error": f"exit {proc.returncode}", **mem})
             continue
-        systems.append({**json.loads(text.splitlines()[-1]), **mem})
-        common.log(f"  {name}: {systems[-1]['round_s']:.2f} s/round, {systems[-1]['bytes_per_round'] / 2**20:.2f} MiB/round, "
-                   f"accuracy {systems[-1]['final_accuracy']:.4f}, peak RSS {mem['peak_rss_mib']:.0f} MiB")
-        write(args, load_before, systems, None, None)  # partial results survive a timeout
-    common.log("fl_deploy: secure aggregation cost, DP curve")
-    with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
-        cost = secagg_cost(199_210, [10, 50], repeats=1 if args.quick else 2)
-        dp = dp_curve(args, Path(tmp))
-    out = write(args, load_before, systems, cost, dp)
-    plot(json.loads(out.read_text()), out.with_suffix(".png"))
-    common.log(f"wrote {out}")
+        systems.append({**json.loads(text.splitlines()[-1]), "loadavg_at_end": common.loadavgs(), **mem})
+        got = systems[-1]
+        if "round_s" in got:
+            common.log(f"  {name}: {got['round_s']:.2f} s/round, {got['bytes_per_round'] / 2**20:.2f} MiB/round, "
+                       f"accuracy {got['final_accuracy']:.4f}, peak RSS {mem['peak_rss_mib']:.0f} MiB")
+        else:
+            common.log(f"  {name}: {json.dumps({k: v for k, v in got.items() if k in ('gather', 'all_reduce')})}")
+        write(args, load_before, systems, prev.get("secagg_cost"), prev.get("dp_curve"), prev)  # partial results survive a timeout
+    cost, dp = prev.get("secagg_cost"), prev.get("dp_curve")
+    if not args.no_extras:
+        common.log("fl_deploy: secure aggregation cost, DP curve")
+        with tempfile.TemporaryDirectory(prefix="fl-deploy-") as tmp:
+            cost = secagg_cost(199_210, [10, 50], repeats=1 if args.quick else 2)
+            dp = dp_curve(args, Path(tmp))
+    out = write(args, load_before, systems, cost, dp, prev)
+    if dp:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    common.log(f"fl_deploy: uptime {Path('/proc/loadavg').read_text().strip()}; wrote {out}")
 
 
-def write(args: argparse.Namespace, load_before: list[float], systems: list[dict[str, Any]], cost: Any, dp: Any) -> Path:
+def write(args: argparse.Namespace, load_before: list[float], systems: list[dict[str, Any]], cost: Any, dp: Any,
+          prev: dict[str, Any]) -> Path:
+    """The JSON of this run; with --merge, `prev`'s systems not run now are kept (each with the
+    stamp and load average of the run that measured it)."""
+    stamp = common.run_stamp()
+    for s in systems:
+        s.setdefault("run", {"stamp": stamp, "loadavg_before": load_before})
+    now = {s["system"] for s in systems}
+    kept = [s for s in prev.get("systems", []) if s["system"] not in now]
+    for s in kept:
+        s.setdefault("run", {"stamp": prev.get("stamp"), "loadavg_before": prev.get("loadavg_before")})
+    order = [s["system"] for s in prev.get("systems", [])]
+    systems = sorted(kept + systems, key=lambda s: order.index(s["system"]) if s["system"] in order else len(order))
     by = {s["system"]: s for s in systems if "round_s" in s}
 
     def ratio(a: str, b: str, key: str) -> float | None:
         return by[a][key] / by[b][key] if a in by and b in by else None
 
+    ops = next((s for s in systems if s["system"] == "collective-ops" and "gather" in s), None)
     result = {
-        "stamp": common.run_stamp(),
+        "stamp": stamp,
         "host": host(),
         "loadavg_before": load_before,
         "loadavg_after": common.loadavgs(),
         "config": {"clients": args.clients, "rounds": args.rounds, "model": MODEL, "dataset": "mnist-5k", "local_epochs": 1,
-                   "batch_size": 10, "lr": 0.05, "dp_rounds": args.dp_rounds, "quick": args.quick},
+                   "batch_size": 10, "lr": 0.05, "dp_rounds": args.dp_rounds, "quick": args.quick,
+                   "clients_per_system": SYSTEM_CLIENTS},
         "versions": common.package_versions(["flwr", "grpcio", "torch", "cryptography", "dp-accounting"]),
         "systems": systems,
         "secagg_cost": cost,
@@ -336,6 +435,12 @@ def write(args: argparse.Namespace, load_before: list[float], systems: list[dict
             "round_s_secagg_over_plain_flower": ratio("flower-secagg", "flower", "round_s"),
             "bytes_up_int8_over_float32": ratio("ours-int8", "ours", "bytes_up_per_round"),
             "round_s_torchdist_over_grpc": ratio("ours-torchdist", "ours", "round_s"),
+            "round_s_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "round_s"),
+            "bytes_up_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "bytes_up_per_round"),
+            "op_s_all_reduce_over_gather": ops["all_reduce"]["median_s"] / ops["gather"]["median_s"] if ops else None,
+            "loopback_bytes_all_reduce_over_gather": (
+                ops["all_reduce"]["loopback_bytes_per_op"] / ops["gather"]["loopback_bytes_per_op"] if ops else None),
+            "round_s_secagg_over_plain_ours_50": ratio("ours-secagg-50", "ours-50", "round_s"),
             "round_s_naive_over_grpc": ratio("naive", "ours", "round_s"),
         },
     }

@@ -1,5 +1,6 @@
 """The torch.distributed transport: `fl launch --transport torchdist` starts real ranks (gloo on
-127.0.0.1); rank 0 runs the same round loop and follows the simulation's trajectory."""
+127.0.0.1); rank 0 runs the same round loop and follows the simulation's trajectory, with one
+weighted all_reduce for mean-based strategies and a gather for the rules that need every update."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from mlsyskit.cli import main
 from mlsyskit.fl import FLConfig, run
 
 FLAGS = ["--dataset", "mnist-5k", "--model", "logreg", "--clients", "3", "--fraction", "1", "--local-epochs", "1",
@@ -17,30 +19,62 @@ def _mlsyskit(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "mlsyskit", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-def test_ranks_follow_the_simulation_trajectory(tmp_path, data_dir):
+def _rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _simulate(tmp_path, data_dir, name, **kw):
+    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=3,
+                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / name), **kw)
+    return run(cfg, progress=False), _rows(tmp_path / name)
+
+
+def test_all_reduce_follows_the_simulation_and_ranks_reject_their_own_bad_updates(tmp_path, data_dir):
     data = ["--data-dir", data_dir] if data_dir else []
-    # 3 clients on 2 client ranks: one rank trains two clients, the other one (a padded row)
-    done = _mlsyskit("fl", "launch", "--transport", "torchdist", "--ranks", 3, *FLAGS, *data, "--out", tmp_path / "ranks", "--no-progress")
+    # 3 clients on 2 client ranks (one rank trains two); one client is malicious and sends NaN,
+    # which its own rank finds and reports with weight 0; FedAvgM keeps server state across rounds
+    bad = ["--malicious", "1", "--attack", "nan", "--strategy", "fedavgm"]
+    done = _mlsyskit("fl", "launch", "--transport", "torchdist", "--ranks", 3, *FLAGS, *bad, *data, "--out", tmp_path / "ranks", "--no-progress")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    ranks = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
-    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=3,
-                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / "sim"))
-    sim = run(cfg, progress=False)
-    simulated = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    ranks = _rows(tmp_path / "ranks")
+    (malicious,) = json.loads((tmp_path / "ranks" / "partition.json").read_text())["malicious"]
+    sim, simulated = _simulate(tmp_path, data_dir, "sim", malicious=1, attack="nan", strategy="fedavgm")
     for d, s in zip(ranks, simulated, strict=True):
-        assert d["clients"] == 3 and d["dropped"] == [] and d["rejected"] == []
+        assert d["aggregation"] == "all-reduce" and "aggregation" not in s
+        assert d["clients"] == 3 and d["dropped"] == [] and d["rejected"] == s["rejected"] == [malicious]
         assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-4)
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
-        # payloads of the collectives: 2 ranks x 2 rows of (id, loss, model) up; header + model down
-        assert d["bytes_up"] == 2 * 2 * (sim["parameters"] + 2) * 4
-        assert d["bytes_down"] == 2 * (5 * 8 + 4 * sim["parameters"])
+        # one all_reduce: each of the 2 client ranks hands P sums + the weight + 3 slots per client
+        assert d["bytes_up"] == 2 * (sim["parameters"] + 1 + 3 * 3) * 4
+        assert d["bytes_down"] == 2 * (6 * 8 + 4 * sim["parameters"])
+    assert f"round 1: rejected non-finite update(s) from client(s) [{malicious}]" in done.stderr
     assert summary["final_accuracy"] == pytest.approx(sim["final_accuracy"], abs=2e-3)
     assert (tmp_path / "ranks" / "model.safetensors").stat().st_size > 0
 
 
-def test_collective_refuses_what_it_cannot_do(tmp_path):
-    done = _mlsyskit("fl", "collective", *FLAGS, "--out", tmp_path / "x", timeout=60)
-    assert done.returncode == 2 and "torchrun" in done.stderr and "Traceback" not in done.stderr
-    done = _mlsyskit("fl", "launch", "--transport", "torchdist", *FLAGS, "--secagg", "--out", tmp_path / "y", timeout=120)
-    assert done.returncode == 2 and "gRPC transport" in done.stderr and "Traceback" not in done.stderr
+def test_rules_that_need_every_update_gather_them(tmp_path, data_dir):
+    data = ["--data-dir", data_dir] if data_dir else []
+    # one client rank trains all 3 clients and gathers their models to rank 0 for the median
+    done = _mlsyskit("fl", "launch", "--transport", "torchdist", "--ranks", 2, *FLAGS, "--strategy", "median", *data,
+                     "--out", tmp_path / "ranks", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    sim, simulated = _simulate(tmp_path, data_dir, "sim", strategy="median")
+    for d, s in zip(_rows(tmp_path / "ranks"), simulated, strict=True):
+        assert d["aggregation"] == "gather" and d["clients"] == 3 and d["rejected"] == []
+        assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-4)
+        assert d["bytes_up"] == 1 * 3 * (sim["parameters"] + 2) * 4  # 3 rows of (id, loss, model)
+
+
+def test_collective_refuses_what_it_cannot_do(tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    # the CLI in this process: each is refused before any process starts
+    assert main(["fl", "collective", *FLAGS, "--out", str(tmp_path / "x")]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    for extra, msg in ((["--secagg"], "gRPC transport"), (["--strategy", "median", "--aggregation", "all-reduce"], "needs each of them")):
+        assert main(["fl", "launch", "--transport", "torchdist", *FLAGS, *extra, "--out", str(tmp_path / "y")]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["fl", "launch", *FLAGS, "--aggregation", "gather", "--out", str(tmp_path / "z")]) == 2
+    assert "--transport torchdist" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "xyz")

@@ -3,6 +3,8 @@
 Every test starts `python -m mlsyskit fl server` and `fl client` processes for real (ephemeral
 ports), with a tiny model (logreg, trained by the sequential client path: no vmap warm-up) on a
 few clients for one to three rounds, and deadlines of a few seconds where a test waits for one.
+Clients whose point is not a process of their own share one (`fl client --client-id 0-4`: a
+thread and a gRPC session each), which saves a torch import per client.
 """
 
 import datetime
@@ -18,8 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from mlsyskit.cli import main
+from mlsyskit.errors import UserError
 from mlsyskit.fl import FLConfig, run, wire
 from mlsyskit.fl.client import evaluate
+from mlsyskit.fl.grpc_client import ClientOptions, run_client
 from mlsyskit.fl.params import get_flat
 from mlsyskit.fl.simulation import setup, train_clients
 
@@ -80,7 +85,8 @@ def _stop(*procs):
 
 def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
     flags = _run_flags(data_dir, clients=3, rounds=2)
-    done = subprocess.run([sys.executable, "-m", "mlsyskit", "fl", "launch", *flags, "--out", tmp_path / "deployed",
+    # clients 0 and 1 share a process, client 2 has its own
+    done = subprocess.run([sys.executable, "-m", "mlsyskit", "fl", "launch", *flags, "--out", tmp_path / "deployed", "--clients-per-process", "2",
                            "--round-timeout", "120", "--no-progress"], capture_output=True, text=True, timeout=WAIT_S)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -102,6 +108,8 @@ def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
     assert summary["final_accuracy"] > 0.7  # chance is 0.1
     for f in ("config.json", "summary.json", "model.safetensors", "checkpoint.safetensors", "partition.json"):
         assert (tmp_path / "deployed" / f).stat().st_size > 0
+    for k in range(3):  # each its own session, also the two of one process
+        assert f"fl client {k}: joined" in done.stderr and f"fl server: client {k} joined" in done.stderr
 
 
 FAULTS = {1: "wrong-shape", 2: "garbage", 3: "nan", 4: "oversize"}
@@ -110,35 +118,39 @@ KILLED, SLOW, DEADLINE = 5, 6, 8  # the others train logreg sequentially in well
 
 @pytest.fixture(scope="module")
 def faulty_round(tmp_path_factory, data_dir):
-    """One round of 7 client processes, shared by the fault tests: client 0 honest, 1-4 send bad
-    updates, 5 is SIGKILLed mid-round, 6 is slow (sleeps 30 s before sending)."""
+    """One round of 7 clients, shared by the fault tests: client 0 honest and 1-4 sending bad
+    updates (one process), 5 SIGKILLed mid-round, 6 slow (sleeps 30 s before sending)."""
     tmp_path = tmp_path_factory.mktemp("faulty")
     server = Server(tmp_path, *_run_flags(data_dir, clients=7), "--insecure", "--min-clients", "5",
                     "--wait-for", "7", "--round-timeout", DEADLINE)
-    procs = [_client(server, k, data_dir, "--insecure", *(["--fault", FAULTS[k]] if k in FAULTS else []),
-                     *(["--delay", "30"] if k in (KILLED, SLOW) else [])) for k in range(7)]
+    faults = [a for k, kind in FAULTS.items() for a in ("--fault", f"{k}={kind}")]
+    procs = {"0-4": _client(server, "0-4", data_dir, "--insecure", *faults),
+             KILLED: _client(server, KILLED, data_dir, "--insecure", "--delay", "30"),
+             SLOW: _client(server, SLOW, data_dir, "--insecure", "--delay", "30")}
     try:
         for line in procs[KILLED].stderr:  # SIGKILL it mid-round: after it got the model, before it answers
             if "round 1: training" in line:
                 procs[KILLED].send_signal(signal.SIGKILL)
                 break
         (row,) = server.wait()
+        out, _ = procs["0-4"].communicate(timeout=WAIT_S)
     finally:
-        _stop(*procs)
-    return row, server.text(), [p.returncode for p in procs]
+        _stop(*procs.values())
+    return row, server.text(), {k: p.returncode for k, p in procs.items()}, out
 
 
 def test_killed_and_slow_clients_do_not_stall_the_round(faulty_round):
-    row, log, codes = faulty_round
+    row, log, codes, out = faulty_round
     assert codes[KILLED] == -signal.SIGKILL
     assert row["dropped"] == [KILLED, SLOW] and row["clients"] == 5
     assert DEADLINE - 0.5 < row["wall_s"] < DEADLINE + 15  # closed at the deadline, not after the 30 s delay
     assert f"no update from client(s) [{KILLED}, {SLOW}] by the deadline" in log
-    assert [c for k, c in enumerate(codes) if k not in (KILLED, SLOW)] == [0] * 5  # the others were told the run is over
+    # the five clients of one process were each told the run is over
+    assert codes["0-4"] == 0 and [json.loads(line) for line in out.splitlines()] == [{"client_id": k, "rounds": 1} for k in range(5)]
 
 
 def test_bad_updates_are_rejected_and_logged_with_the_client_id(faulty_round):
-    row, log, _ = faulty_round
+    row, log, _, _ = faulty_round
     assert row["rejected"] == [1, 2, 3, 4]
     assert row["test_accuracy"] > 0.5  # client 0's honest update was aggregated; the server kept serving
     assert "client 1: rejected its update for round 1: wrong shape" in log
@@ -177,28 +189,30 @@ def test_tls_and_tokens_refuse_a_wrong_token_or_certificate(tmp_path, data_dir):
     tokens.write_text("# id token\n0 s3cret-zero\n")
     server = Server(tmp_path, *_run_flags(data_dir, clients=1), "--tls-cert", cert, "--tls-key", key, "--tokens", tokens,
                     "--round-timeout", 120)
-    bad_token = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "guess", "--connect-timeout", "20")
-    bad_ca = _client(server, 0, data_dir, "--tls-ca", other_ca, "--token", "s3cret-zero", "--connect-timeout", "20")
+    # the refused clients run in this process (the client code of `fl client`, over real TLS)
+    bad = ClientOptions(server=server.address, client_id=0, tls_ca=str(cert), token="guess", connect_timeout=20)
+    with pytest.raises(UserError, match="refused this client"):
+        run_client(bad)
+    with pytest.raises(UserError, match="TLS"):
+        run_client(ClientOptions(server=server.address, client_id=0, tls_ca=str(other_ca), token="s3cret-zero", connect_timeout=20))
+    good = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "s3cret-zero")
     try:
-        _, err_token = bad_token.communicate(timeout=WAIT_S)
-        _, err_ca = bad_ca.communicate(timeout=WAIT_S)
-        assert bad_token.returncode == 2 and "refused this client" in err_token and "Traceback" not in err_token
-        assert bad_ca.returncode == 2 and "TLS" in err_ca and "Traceback" not in err_ca
-        good = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "s3cret-zero")
         rows = server.wait()
         out, err = good.communicate(timeout=WAIT_S)
     finally:
-        _stop(bad_token, bad_ca)
+        _stop(good)
     assert good.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == {"client_id": 0, "rounds": 1}
     assert rows[0]["clients"] == 1 and rows[0]["test_accuracy"] > 0.5
     assert "refused client 0" in server.text() and "wrong or missing token" in server.text()
 
 
-def test_plaintext_needs_an_explicit_insecure(tmp_path):
-    for args in (["fl", "server", "--out", tmp_path / "x"], ["fl", "client", "--server", "127.0.0.1:1", "--client-id", "0"]):
-        done = subprocess.run([sys.executable, "-m", "mlsyskit", *map(str, args)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and "--insecure" in done.stderr and "Traceback" not in done.stderr
+def test_plaintext_needs_an_explicit_insecure(tmp_path, capsys):
+    # the CLI in this process: refused before anything listens or connects
+    for args in (["fl", "server", "--out", str(tmp_path / "x")], ["fl", "client", "--server", "127.0.0.1:1", "--client-id", "0"],
+                 ["fl", "client", "--server", "127.0.0.1:1", "--client-id", "0-1", "--tls-ca", "ca.pem"]):
+        assert main(args) == 2
+        assert "--insecure" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -228,7 +242,7 @@ def test_killed_server_resumes_and_clients_reconnect_with_int8_updates(tmp_path,
     address = f"127.0.0.1:{_free_port()}"
     flags = [*_run_flags(data_dir, clients=2, rounds=3), "--compress", "int8", "--insecure", "--address", address, "--wait-for", "2", "--round-timeout", 120]
     first = Server(tmp_path, *flags)
-    clients = [_client(first, k, data_dir, "--insecure", "--delay", "1", "--connect-timeout", WAIT_S) for k in (0, 1)]
+    clients = [_client(first, "0-1", data_dir, "--insecure", "--delay", "1", "--connect-timeout", WAIT_S)]  # both in one process
     try:
         ckpt = first.out / "checkpoint.safetensors"
         deadline = time.monotonic() + WAIT_S
@@ -260,14 +274,15 @@ def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_
     # client 2 SIGKILLs itself after sharing its keys, before masking; client 3 right after
     # sending its masked update: the server unmasks the sum of 0, 1 and 3 from 0 and 1's shares
     server = Server(tmp_path, *_run_flags(data_dir, clients=4), "--secagg", "--secagg-threshold", "2", "--insecure",
-                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 8)
-    faults = {2: "drop-before-mask", 3: "drop-after-mask"}
-    procs = [_client(server, k, data_dir, "--insecure", *(["--fault", faults[k]] if k in faults else [])) for k in range(4)]
+                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 6)
+    # clients 0 and 1 share a process (each its own keys and session)
+    procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-before-mask"),
+             _client(server, 3, data_dir, "--insecure", "--fault", "drop-after-mask")]
     try:
         rows = server.wait()
     finally:
         _stop(*procs)
-    assert [p.returncode for p in procs] == [0, 0, -signal.SIGKILL, -signal.SIGKILL]
+    assert [p.returncode for p in procs] == [0, -signal.SIGKILL, -signal.SIGKILL]
     (row,) = rows
     assert row["dropped"] == [2] and row["clients"] == 3 and row["rejected"] == []
     assert "unmasked the sum of clients [0, 1, 3] with 2 answers (threshold 2); recovered the masks of dropped client(s) [2]" in server.text()
@@ -287,7 +302,7 @@ def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_
 def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     server = Server(tmp_path, *_run_flags(data_dir, clients=3), "--secagg", "--secagg-threshold", "3", "--insecure",
                     "--wait-for", "3", "--round-timeout", 6, "--round-retries", "1")
-    procs = [_client(server, k, data_dir, "--insecure", *(["--fault", "drop-after-mask"] if k == 2 else [])) for k in range(3)]
+    procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-after-mask")]
     try:
         rc = server.proc.wait(timeout=WAIT_S)
     finally:
@@ -298,4 +313,4 @@ def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     assert "round 1: secure aggregation: unmasking failed (only 2 clients answered the unmasking, fewer than the threshold 3)" in log
     assert "secure aggregation: 2 clients left, fewer than 3, in 2 attempts" in log
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert [p.returncode for p in procs[:2]] == [0, 0]  # the survivors were told the run is over
+    assert procs[0].returncode == 0  # the survivors were told the run is over

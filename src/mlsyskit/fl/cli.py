@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsyskit.errors import UserError
-from mlsyskit.fl.config import FLConfig
+from mlsyskit.fl.config import AGGREGATIONS, FLConfig, aggregation_mode
 from mlsyskit.runtime import add_progress_flag, show_progress
 
 FULL = "full"
@@ -32,6 +32,31 @@ def _batch_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid batch size {text!r}; give a positive integer or 'full'") from None
+
+
+def _client_ids(text: str) -> list[int]:
+    """--client-id: K, A-B (inclusive) or a comma list of them."""
+    ids: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid client id {part!r}; give K, A-B or a comma list such as 0-4,7") from None
+        if first < 0 or last < first:
+            raise argparse.ArgumentTypeError(f"invalid client id range {part!r}; ids are >= 0 and A <= B")
+        ids.extend(range(first, last + 1))
+    if len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"client ids repeat in {text!r}")
+    return ids
+
+
+def _fault(text: str) -> tuple[int | None, str]:
+    """--fault [K=]KIND: KIND for every client of the process, or for client K only."""
+    cid, sep, kind = text.rpartition("=")
+    if kind not in FAULTS or (sep and not cid.isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid fault {text!r}; give KIND or K=KIND, KIND one of {', '.join(FAULTS)}")
+    return (int(cid) if sep else None), kind
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -131,6 +156,8 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
+    if len(args.client_id) > 1 and not args.insecure:
+        raise UserError("a process hosting several --client-id needs --insecure (a --token is one client's)")
     if not args.insecure and not args.tls_ca:
         raise UserError("the client needs --tls-ca (the server's CA certificate) or --insecure for plaintext")
     token = args.token or os.environ.get("MLSYSKIT_FL_TOKEN")
@@ -138,17 +165,20 @@ def _client(args: argparse.Namespace) -> int:
         raise UserError("the client needs --token (or $MLSYSKIT_FL_TOKEN), or --insecure")
     if args.tls_ca and not Path(args.tls_ca).is_file():
         raise UserError(f"--tls-ca {args.tls_ca}: no such file")
-    if args.client_id < 0:
-        raise UserError(f"--client-id must be >= 0 (got {args.client_id})")
     if args.delay < 0:
         raise UserError(f"--delay must be >= 0 (got {args.delay})")
-    from mlsyskit.fl.grpc_client import ClientOptions, run_client
+    faults = dict(args.fault or [])
+    stray = sorted(k for k in faults if k is not None and k not in args.client_id)
+    if stray:
+        raise UserError(f"--fault for client(s) {stray}, which this process does not host (--client-id)")
+    from mlsyskit.fl.grpc_client import ClientOptions, run_clients
 
-    result = run_client(ClientOptions(
-        server=args.server, client_id=args.client_id, data_dir=args.data_dir, insecure=args.insecure, tls_ca=args.tls_ca,
-        token=token, delay=args.delay, fault=args.fault, connect_timeout=args.connect_timeout, threads=args.threads,
-    ))
-    print(json.dumps({"client_id": args.client_id, **result}))
+    results = run_clients(ClientOptions(
+        server=args.server, client_id=args.client_id[0], data_dir=args.data_dir, insecure=args.insecure, tls_ca=args.tls_ca,
+        token=token, delay=args.delay, fault=faults.get(None), connect_timeout=args.connect_timeout, threads=args.threads,
+    ), args.client_id, {k: v for k, v in faults.items() if k is not None})
+    for result in results:
+        print(json.dumps(result))
     return 0
 
 
@@ -163,6 +193,7 @@ def _collective(args: argparse.Namespace) -> int:
             cfg.batch_size = None
         if cfg.resolved().secagg or cfg.compress:
             raise UserError(GRPC_ONLY)
+        aggregation_mode(cfg.resolved().strategy, args.aggregation)
     from mlsyskit.fl import collective
 
     rank, world = collective.init(args.join_timeout)
@@ -172,7 +203,7 @@ def _collective(args: argparse.Namespace) -> int:
             return 0
         from mlsyskit.fl.simulation import resume, run
 
-        transport = collective.CollectiveTransport()
+        transport = collective.CollectiveTransport(args.aggregation)
         progress = show_progress(args.progress)
         if args.resume:
             if full:
@@ -214,9 +245,14 @@ def _launch(args: argparse.Namespace) -> int:
     if args.transport == "torchdist":
         if cfg.secagg or cfg.compress:  # refused here too, before any rank starts
             raise UserError(GRPC_ONLY)
+        aggregation_mode(cfg.resolved().strategy, args.aggregation)
+        if args.clients_per_process != 1:
+            raise UserError("--clients-per-process is for --transport grpc (ranks get clients round-robin: --ranks)")
         return _launch_ranks(args, argv, flags, args.ranks or n + 1)
-    if args.ranks is not None:
-        raise UserError("--ranks is for --transport torchdist")
+    if args.ranks is not None or args.aggregation != "auto":
+        raise UserError("--ranks and --aggregation are for --transport torchdist")
+    if args.clients_per_process < 1:
+        raise UserError(f"--clients-per-process must be at least 1 (got {args.clients_per_process})")
     with tempfile.TemporaryDirectory(prefix="mlsyskit-fl-") as tmp:
         port_file = Path(tmp) / "port"
         server = subprocess.Popen(
@@ -235,9 +271,11 @@ def _launch(args: argparse.Namespace) -> int:
             port = port_file.read_text().strip()
             data = ["--data-dir", cfg.data_dir] if cfg.data_dir else []
             threads = ["--threads", str(cfg.threads)] if cfg.threads else []
-            for k in range(n):
+            per = args.clients_per_process
+            for first in range(0, n, per):
+                ids = str(first) if per == 1 else f"{first}-{min(first + per, n) - 1}"
                 clients.append(subprocess.Popen(
-                    [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", str(k), *data, *threads],
+                    [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", ids, *data, *threads],
                     stdout=subprocess.DEVNULL,
                 ))
             rc = server.wait()
@@ -269,7 +307,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], flags: list[str], w
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen(
-                [*argv, "collective", "--join-timeout", str(args.join_timeout),
+                [*argv, "collective", "--join-timeout", str(args.join_timeout), "--aggregation", args.aggregation,
                  "--progress" if show_progress(args.progress) and rank == 0 else "--no-progress", *flags],
                 env=env, stdout=None if rank == 0 else subprocess.DEVNULL,
             ))
@@ -283,6 +321,13 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], flags: list[str], w
                     p.kill()
                     p.wait()
     return rc
+
+
+def _add_aggregation_flag(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default="auto",
+                   help=prefix + "auto: one weighted all_reduce of n_k * update and n_k for the mean-based strategies (fedavg, "
+                   "fedprox, fedavgm, fedadam, fedyogi, fedadagrad); a gather of every update to rank 0 for the rules that need "
+                   "each one (median, trimmed-mean, krum, multi-krum). gather: always gather (the naive path) (default: auto)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -324,7 +369,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Prints one JSON line when the server ends the run.",
     )
     c.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
-    c.add_argument("--client-id", type=int, required=True, metavar="K", help="this client's id, 0..N-1")
+    c.add_argument("--client-id", type=_client_ids, required=True, metavar="K",
+                   help="this client's id, 0..N-1; or several (A-B, or a comma list: 0-4,7), hosted by this process "
+                   "as separate clients (a thread, a gRPC session, keys and partition each; one data load; --insecure only)")
     c.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the data files (default: as fedavg finds them)")
     c.add_argument("--insecure", action="store_true", help="plaintext, no certificate or token (default: off)")
     c.add_argument("--tls-ca", metavar="PEM", default=None, help="CA certificate that signed the server's (default: off)")
@@ -332,7 +379,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--connect-timeout", type=float, default=60.0, metavar="S", help="keep retrying an unreachable server this long (default: 60)")
     c.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: the run's --threads)")
     c.add_argument("--delay", type=float, default=0.0, metavar="S", help="fault injection: sleep S seconds before sending each update (default: 0)")
-    c.add_argument("--fault", choices=FAULTS, default=None, help="fault injection: send a bad update (default: off)")
+    c.add_argument("--fault", type=_fault, action="append", default=None, metavar="[K=]KIND",
+                   help=f"fault injection: send a bad update, or die at a point of --secagg ({', '.join(FAULTS)}); K=KIND for "
+                   "hosted client K only; repeatable (default: off)")
     c.set_defaults(func=_client, interrupted="interrupted")
 
     la = fsub.add_parser(
@@ -345,6 +394,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="grpc: a server and client processes; torchdist: `fl collective` ranks over torch.distributed (gloo) (default: grpc)")
     la.add_argument("--ranks", type=int, default=None, metavar="W",
                     help="--transport torchdist: processes, the server and W-1 client ranks (default: --clients + 1)")
+    _add_aggregation_flag(la, "--transport torchdist: ")
+    la.add_argument("--clients-per-process", type=int, default=1, metavar="M",
+                    help="--transport grpc: each client process hosts M clients (fl client --client-id A-B), for many "
+                    "clients on one machine (default: 1)")
     _add_round_flags(la)
     _add_config_flags(la)
     add_progress_flag(la, "rounds")
@@ -354,11 +407,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "collective",
         help="one rank of a torch.distributed run (under torchrun): rank 0 the server, the others clients",
         description="Cross-silo mode: `torchrun --nproc-per-node W -m mlsyskit fl collective ...`. Rank 0 runs the "
-        "round loop of fedavg (same run directory) and gets the client ranks' models with broadcast/gather over "
-        "gloo; clients are dealt round-robin to ranks 1..W-1. No deadlines: every rank must stay up.",
+        "round loop of fedavg (same run directory), broadcasts the model over gloo and aggregates with one weighted "
+        "all_reduce (mean-based strategies) or a gather to rank 0 (median, trimmed-mean, krum, multi-krum); clients "
+        "are dealt round-robin to ranks 1..W-1. No deadlines: every rank must stay up.",
     )
     co.add_argument("--join-timeout", type=float, default=300.0, metavar="S",
                     help="timeout of the process group: for all ranks to start, and for any one collective (default: 300)")
+    _add_aggregation_flag(co, "")
     co.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR from its last checkpoint (rank 0) (default: off)")
     _add_config_flags(co)
     add_progress_flag(co, "rounds")

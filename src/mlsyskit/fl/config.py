@@ -17,6 +17,19 @@ ATTACKS = ("sign-flip", "scale", "noise", "label-flip", "nan")
 CLIENT_EXEC = ("auto", "vmap", "sequential")
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")  # not a mean: no DP noise calibration
 DEFAULT_LR = {"lstm": 1.47, "transformer": 0.5}  # image models: 0.05
+# the collective transport's --aggregation: auto is all-reduce for a mean-based strategy, gather for ROBUST
+AGGREGATIONS = ("auto", "all-reduce", "gather")
+
+
+def aggregation_mode(strategy: str, asked: str = "auto") -> str:
+    """How the collective transport aggregates `strategy` (`asked`: --aggregation): all-reduce
+    (one weighted sum) or gather (every update to rank 0); UserError if impossible."""
+    if asked not in AGGREGATIONS:
+        raise UserError(f"--aggregation {asked!r}: choose one of {', '.join(AGGREGATIONS)}")
+    robust = strategy in ROBUST
+    if asked == "all-reduce" and robust:
+        raise UserError(f"--aggregation all-reduce only sums the updates; --strategy {strategy} needs each of them (use gather or auto)")
+    return "gather" if robust or asked == "gather" else "all-reduce"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse

@@ -7,14 +7,19 @@ deployed run follows the simulation's trajectory. Under --secagg it answers the 
 phases (`mlsyskit.fl.secagg`). Fault flags (`delay`, `fault`) exist to test the server's
 deadline, its rejection of bad updates and secure aggregation's dropout recovery (the
 ``drop-*-mask`` faults SIGKILL the client process itself at that point of the protocol).
+One process may host several clients (`run_clients`, ``--client-id 0-9``): a thread, a gRPC
+channel and a session each, one data load between them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,19 +98,36 @@ class _Client:
         return wire.parse_header(reply)
 
 
-def _local_federation(cfg: FLConfig, client_id: int) -> Federation:
+class SharedSetup:
+    """One data load for the clients a process hosts (``--client-id 0-9``): the first to join
+    runs `setup`, the others take their own part of it (and their own copy of the model)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.feds: dict[str, Federation] = {}
+
+    def get(self, cfg: FLConfig) -> Federation:
+        key = json.dumps(cfg.to_json(), sort_keys=True)
+        with self.lock:  # setup seeds torch's global generator: one at a time
+            if key not in self.feds:
+                self.feds[key] = setup(cfg)
+            return self.feds[key]
+
+
+def _local_federation(cfg: FLConfig, client_id: int, shared: SharedSetup | None = None) -> Federation:
     """The run's federation as this client sees it: only its own training samples kept."""
-    fed = setup(cfg)
+    fed = shared.get(cfg) if shared else setup(cfg)
     if client_id >= len(fed.parts):
         raise UserError(f"--client-id {client_id} is out of range: the run has clients 0..{len(fed.parts) - 1}")
-    own = fed.parts[client_id]
-    data = fed.data
-    fed.data = dataclasses.replace(
-        data, train_x=data.train_x[torch.from_numpy(own)], train_y=data.train_y[torch.from_numpy(own)], test_x=data.test_x[:0], test_y=data.test_y[:0]
+    own = torch.from_numpy(fed.parts[client_id])
+    data = dataclasses.replace(
+        fed.data, train_x=fed.data.train_x[own], train_y=fed.data.train_y[own], test_x=fed.data.test_x[:0], test_y=fed.data.test_y[:0]
     )
     empty = np.zeros(0, dtype=np.int64)
-    fed.parts = [np.arange(len(own)) if c == client_id else empty for c in range(len(fed.parts))]
-    return fed
+    parts = [np.arange(len(own)) if c == client_id else empty for c in range(len(fed.parts))]
+    # a model of its own: training writes into it (and vmap swaps its parameters)
+    model = copy.deepcopy(fed.model) if shared else fed.model
+    return dataclasses.replace(fed, data=data, parts=parts, model=model)
 
 
 def _payload(w: torch.Tensor, fault: str | None, global_w: torch.Tensor, cfg: FLConfig) -> bytes:
@@ -120,14 +142,44 @@ def _payload(w: torch.Tensor, fault: str | None, global_w: torch.Tensor, cfg: FL
     return wire.encode_update(w, global_w, cfg.compress)
 
 
-def run_client(opts: ClientOptions) -> dict[str, Any]:
+def run_clients(opts: ClientOptions, ids: list[int], faults: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """Host several clients in this process, one thread each: each has its own gRPC channel
+    and session (and --secagg keys) and its own partition, from one data load. `faults`
+    overrides ``opts.fault`` per client (a ``drop-*-mask`` fault kills every client of the
+    process with it). Returns what each did, in `ids` order; the first error of any is raised
+    once all have ended."""
+    faults = faults or {}
+    each = {cid: dataclasses.replace(opts, client_id=cid, fault=faults.get(cid, opts.fault)) for cid in ids}
+    if len(ids) == 1:
+        return [run_client(each[ids[0]])]
+    shared = SharedSetup()
+    results: dict[int, dict[str, Any] | BaseException] = {}
+
+    def host(cid: int) -> None:
+        try:
+            results[cid] = run_client(each[cid], shared)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            results[cid] = e
+
+    threads = [threading.Thread(target=host, args=(cid,), name=f"client-{cid}", daemon=True) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return [results[cid] for cid in ids]  # type: ignore[misc]
+
+
+def run_client(opts: ClientOptions, shared: SharedSetup | None = None) -> dict[str, Any]:
     """Join, then train and send until the server says the run is done; returns what it did."""
     client = _Client(opts)
     info = client.join()
     names = {f.name for f in dataclasses.fields(FLConfig)}
     cfg = FLConfig(**{k: v for k, v in info["config"].items() if k in names})
     cfg = dataclasses.replace(cfg, data_dir=opts.data_dir, out=None, threads=opts.threads or cfg.threads)
-    fed = _local_federation(cfg, opts.client_id)
+    fed = _local_federation(cfg, opts.client_id, shared)
     if fed.num_params != info["num_params"]:
         raise UserError(f"this client's model has {fed.num_params} parameters, the server's {info['num_params']}")
     client.log(f"joined {opts.server}: {cfg.model} on {cfg.dataset}, {len(fed.data.train_x)} samples of its own")
@@ -142,7 +194,7 @@ def run_client(opts: ClientOptions) -> dict[str, Any]:
         head = wire.parse_header(msgs[0])
         if head["status"] == "done":
             client.log(f"the server finished the run; {rounds} round(s) trained")
-            return {"rounds": rounds}
+            return {"client_id": opts.client_id, "rounds": rounds}
         if head["status"] != "train":
             continue
         rnd, attempt, phase = int(head["round"]), int(head["attempt"]), head.get("phase", "train")

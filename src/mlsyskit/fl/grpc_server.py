@@ -289,7 +289,7 @@ class GrpcTransport:
             ids=u3, models=torch.zeros(0, fed.num_params),
             losses=torch.tensor([train.received[c][1] for c in u3], dtype=torch.float32),
             train_s=max((train.received[c][2] for c in u3), default=0.0), malformed=sorted(train.malformed),
-            missing=[c for c in ids if c not in u3 and c not in train.malformed], secure_sum=total,
+            missing=[c for c in ids if c not in u3 and c not in train.malformed], summed=total,
             bytes_up=sum(x.bytes_up for x in tasks), bytes_down=sum(x.bytes_down for x in tasks),
         )
 

@@ -5,7 +5,10 @@ global model and brings back their updates (`InProcess`: the clients are simulat
 process, data loaded once as tensors and clients as index arrays into them; the gRPC transport
 of `mlsyskit.fl.grpc_server`: client processes; `mlsyskit.fl.collective`: torch.distributed
 ranks), non-finite updates are rejected, updates are
-clipped (when asked), and the strategy aggregates; an aggregate that is not finite or whose step jumps by orders of magnitude
+clipped (when asked), and the strategy aggregates. A transport may instead bring back only the
+weighted sum of the updates (--secagg: unmasked; the collective transport: one all_reduce, the
+non-finite ones already left out by the clients' own ranks), which becomes the same weighted
+mean before the strategy's server step. An aggregate that is not finite or whose step jumps by orders of magnitude
 is not committed, and a run that commits nothing for STALL_ROUNDS rounds in a row stops.
 Every source of randomness is derived from (seed, round, client), so a resumed run
 follows exactly the trajectory of an uninterrupted one.
@@ -82,6 +85,7 @@ class RoundResult:
     dropped: list[int] = field(default_factory=list)  # sampled clients whose update never came
     bytes_up: int = 0
     bytes_down: int = 0
+    aggregation: str | None = None
 
 
 @dataclass
@@ -94,7 +98,12 @@ class Collected:
     train_s: float
     malformed: list[int] = field(default_factory=list)  # answered with something not a model
     missing: list[int] = field(default_factory=list)  # asked, but no answer by the deadline
-    secure_sum: np.ndarray | None = None  # --secagg: the unmasked float64 sum of the clients' contributions (models is empty)
+    # Aggregated before it got here (--secagg: unmasked; collective: one all_reduce): the sum of
+    # the `ids` clients' `contribution`s, float64 (P,); `models` is then empty.
+    summed: np.ndarray | torch.Tensor | None = None
+    nonfinite: list[int] = field(default_factory=list)  # summed: clients whose own side found their update non-finite (weight 0)
+    norms: torch.Tensor | None = None  # summed: the `ids` clients' update norms (for the step check); None under --secagg
+    aggregation: str | None = None  # how the transport aggregated, for metrics.jsonl (collective: all-reduce or gather)
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -139,7 +148,7 @@ class InProcess:
             except secagg.SecAggError as e:
                 raise UserError(f"round {rnd}: secure aggregation failed: {e}") from None
             return Collected(
-                ids=ids, models=torch.zeros(0, fed.num_params), losses=losses, train_s=train_s, secure_sum=total,
+                ids=ids, models=torch.zeros(0, fed.num_params), losses=losses, train_s=train_s, summed=total,
                 bytes_up=len(active) * size, bytes_down=len(sampled) * size,
             )
         return Collected(
@@ -164,20 +173,35 @@ def secagg_threshold(fed: Federation) -> int:
     return secagg.default_threshold(fed.strategy.clients_per_round(len(fed.parts), fed.cfg.fraction))
 
 
-def secagg_contribution(fed: Federation, client: int, model: torch.Tensor, global_w: torch.Tensor) -> np.ndarray:
-    """What a client masks under --secagg: its sample count times its update (clipped to
-    --max-update-norm by the client itself, as the server cannot see it); under DP its update
-    clipped to --dp-clip (equal weights) plus its share of the round's Gaussian noise."""
+def contribution(fed: Federation, client: int, model: torch.Tensor, global_w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """What a client adds to a round's sum when the server never sees its update alone
+    (--secagg, the collective all_reduce), and its update's norm: its sample count times its
+    update, clipped to --max-update-norm by the client itself; under DP its update clipped to
+    --dp-clip (equal weights). float64 (P,)."""
     cfg = fed.cfg
     delta = model.double() - global_w.double()
+    norm = float(delta.norm())
     bounds = [b for b in (cfg.max_update_norm, cfg.dp_clip) if b is not None]
     if bounds:
-        delta = delta * min(1.0, min(bounds) / max(float(delta.norm()), 1e-300))
+        delta = delta * min(1.0, min(bounds) / max(norm, 1e-300))
+    return (delta if cfg.dp_clip is not None else float(fed.counts[client]) * delta), norm
+
+
+def contribution_weight(fed: Federation, client: int) -> float:
+    """The weight of `client` in the round's mean: its sample count, 1 under DP-FedAvg."""
+    return 1.0 if fed.cfg.dp_clip is not None else float(fed.counts[client])
+
+
+def secagg_contribution(fed: Federation, client: int, model: torch.Tensor, global_w: torch.Tensor) -> np.ndarray:
+    """What a client masks under --secagg: its `contribution`, under DP plus its share of the
+    round's Gaussian noise."""
+    cfg = fed.cfg
+    value = contribution(fed, client, model, global_w)[0].numpy()
     if cfg.dp_clip is None:
-        return (float(fed.counts[client]) * delta).numpy()
+        return value
     from mlsyskit.fl.privacy import client_noise
 
-    return delta.numpy() + client_noise(len(delta), dp_noise(cfg), cfg.dp_clip, secagg_threshold(fed))
+    return value + client_noise(len(value), dp_noise(cfg), cfg.dp_clip, secagg_threshold(fed))
 
 
 def poison_update(fed: Federation, rnd: int, client: int, model: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
@@ -265,8 +289,8 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         down = len(sampled) * 4 * fed.num_params if isinstance(transport, InProcess) else 0
         return RoundResult(global_w, sampled.tolist(), [], [], None, 0.0, dropped=dropout, bytes_down=down)
     got = transport.collect(fed, rnd, global_w, sampled, active)
-    if got.secure_sum is not None:
-        return _secure_round(fed, global_w, sampled, active, got, dropout)
+    if got.summed is not None:
+        return _reduced_round(fed, rnd, global_w, sampled, active, got, dropout)
     answered = set(got.ids) | set(got.malformed)
     trained = [int(c) for c in active if int(c) in answered]
     ids = np.array(got.ids, dtype=np.int64)
@@ -274,12 +298,7 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
     ok = finite_rows(models) if len(ids) else torch.zeros(0, dtype=torch.bool)
     nonfinite = ids[~ok.numpy()].tolist()
     rejected = sorted(got.malformed + nonfinite)
-    notes = []
-    if nonfinite:
-        notes.append(f"rejected non-finite update(s) from client(s) {nonfinite}")
-    if got.malformed:
-        notes.append(f"rejected malformed update(s) from client(s) {sorted(got.malformed)}")
-    note = "; ".join(notes) or None
+    note = _rejection_note(nonfinite, got.malformed)
     weights = torch.from_numpy(fed.counts[ids]).float()
     if cfg.dp_clip is not None:
         weights = torch.ones(len(ids))  # DP-FedAvg: equal weights bound each client's influence to C/K
@@ -295,9 +314,7 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         if cfg.dp_clip is not None and dp_noise(cfg) > 0:
             # Gaussian noise z*C on the sum of the K clipped updates, i.e. z*C/K on their mean:
             # the same vector added to every row shifts any (weighted) mean by exactly that.
-            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, 2]).integers(2**62)))
-            noise = torch.randn(accepted.shape[1], generator=gen, dtype=torch.float64) * dp_noise(cfg) * cfg.dp_clip
-            accepted = (accepted.double() + noise / len(accepted)).to(models.dtype)
+            accepted = (accepted.double() + server_noise(cfg, rnd, accepted.shape[1]) / len(accepted)).to(models.dtype)
         saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
         new_w = fed.strategy.aggregate(global_w, accepted, weights[ok])
         # under DP the updates are clipped to C and the noise is deliberate: only finiteness counts
@@ -322,38 +339,65 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
         dropped=sorted(dropout + got.missing),
         bytes_up=got.bytes_up,
         bytes_down=got.bytes_down,
+        aggregation=got.aggregation,
     )
 
 
-def _secure_round(
-    fed: Federation, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray, got: Collected, dropout: list[int]
+def _rejection_note(nonfinite: list[int], malformed: list[int]) -> str | None:
+    notes = []
+    if nonfinite:
+        notes.append(f"rejected non-finite update(s) from client(s) {sorted(nonfinite)}")
+    if malformed:
+        notes.append(f"rejected malformed update(s) from client(s) {sorted(malformed)}")
+    return "; ".join(notes) or None
+
+
+def server_noise(cfg: FLConfig, rnd: int, size: int) -> torch.Tensor:
+    """The round's DP noise on the sum of the clipped updates: N(0, (z*C)^2), float64 (seeded by run and round)."""
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rnd, 2]).integers(2**62)))
+    return torch.randn(size, generator=gen, dtype=torch.float64) * dp_noise(cfg) * cfg.dp_clip
+
+
+def _reduced_round(
+    fed: Federation, rnd: int, global_w: torch.Tensor, sampled: np.ndarray, active: np.ndarray, got: Collected, dropout: list[int]
 ) -> RoundResult:
-    """Aggregate a --secagg round: the transport unmasked only the sum of the clients' weighted updates."""
-    trained = [int(c) for c in active if int(c) in set(got.ids)]
-    new_w, note = global_w, None
+    """Aggregate a round whose transport brought back only the sum of the clients'
+    `contribution`s (--secagg: unmasked; collective: all_reduced): the weighted mean is
+    global + sum / (sum of weights), then the strategy's server step on it."""
+    cfg = fed.cfg
+    answered = set(got.ids) | set(got.malformed) | set(got.nonfinite)
+    trained = [int(c) for c in active if int(c) in answered]
+    rejected = sorted(got.malformed + got.nonfinite)
+    note = _rejection_note(got.nonfinite, got.malformed)
+    new_w = global_w
     if got.ids:
-        total = torch.from_numpy(got.secure_sum)
-        # DP-FedAvg weighs clients equally (their noise is already in the sum); else by samples
-        weight = float(len(got.ids)) if fed.cfg.dp_clip is not None else float(fed.counts[got.ids].sum())
+        total = torch.as_tensor(got.summed, dtype=torch.float64)
+        weight = sum(contribution_weight(fed, c) for c in got.ids)
+        if cfg.dp_clip is not None and dp_noise(cfg) > 0 and not cfg.secagg:  # under --secagg the clients added it
+            total = total + server_noise(cfg, rnd, len(total))
         mean_model = (global_w.double() + total / weight).to(global_w.dtype)
         saved = {k: v.clone() for k, v in fed.strategy.state_dict().items()}
         new_w = fed.strategy.aggregate(global_w, mean_model[None], torch.ones(1))
-        why = _uncommittable(global_w, new_w, torch.zeros(1), check_step=False)
+        # the step check needs the update norms, which --secagg hides
+        check = cfg.dp_clip is None and got.norms is not None
+        why = _uncommittable(global_w, new_w, got.norms if check else torch.zeros(1), check_step=check)
         if why:
             fed.strategy.load_state_dict(saved)
-            new_w, note = global_w, f"aggregate not committed ({why}); the model stays as it was"
+            new_w, rejected = global_w, list(trained)
+            note = f"aggregate not committed ({why}); the model stays as it was"
     finite_loss = got.losses[torch.isfinite(got.losses)]
     return RoundResult(
         global_w=new_w,
         sampled=sampled.tolist(),
         trained=trained,
-        rejected=sorted(got.malformed) + (trained if note else []),
+        rejected=rejected,
         train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
         train_s=got.train_s,
         note=note,
         dropped=sorted(dropout + got.missing),
         bytes_up=got.bytes_up,
         bytes_down=got.bytes_down,
+        aggregation=got.aggregation,
     )
 
 
@@ -521,6 +565,8 @@ def _rounds(
             train_s=round(res.train_s, 4),
             wall_s=round(time.perf_counter() - t0, 4),
         )
+        if res.aggregation:
+            row["aggregation"] = res.aggregation
         if cfg.dp_clip is not None:
             from mlsyskit.fl.privacy import epsilon
 
