@@ -297,23 +297,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, name in zip(axes, scen, strict=False):
         for m in result["scenarios"][name]["modes"].values():
             turns = [p["turn"] for p in m["per_turn"]]
-            ax.plot(turns, [p["ttft_p50_s"] * 1000 for p in m["per_turn"]], marker="o", label=m["mode"])
+            ax.plot(turns, [p["ttft_p50_s"] * 1000 for p in m["per_turn"]], marker="o", label=m["mode"],
+                    color=f"C{MODES.index(m['mode'])}")
         if name == "closed-loop":
             for pname, p in result.get("peer", {}).items():
                 if isinstance(p, dict) and "per_turn_ttft_p50_s" in p:
                     ax.plot(range(1, len(p["per_turn_ttft_p50_s"]) + 1), [t * 1000 for t in p["per_turn_ttft_p50_s"]],
-                            linestyle="--", marker="x", label=f"{pname} (serial)")
+                            linestyle="--", marker="x", label=f"{pname} (serial)", color=f"C{len(MODES) + len(ax.lines) % 3}")
         ax.set_xlabel("turn")
         ax.set_ylabel("TTFT p50 (ms)")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
         ax.set_title(f"{name}: time to first token per turn")
     ax = axes[-1]
     width = 0.8 / max(1, len(scen))
+    names = [m for m in MODES if any(m in result["scenarios"][n]["modes"] for n in scen)]
     for i, name in enumerate(scen):
-        ms = list(result["scenarios"][name]["modes"].values())
-        ax.bar([j + i * width for j in range(len(ms))], [m["decode_tok_s_p50"] for m in ms], width, label=name)
-        ax.set_xticks([j + width * (len(scen) - 1) / 2 for j in range(len(ms))], [m["mode"] for m in ms], fontsize=8)
+        ms = result["scenarios"][name]["modes"]
+        xs = [j for j, m in enumerate(names) if m in ms]
+        ax.bar([j + i * width for j in xs], [ms[names[j]]["decode_tok_s_p50"] for j in xs], width, label=name)
+    ax.set_xticks([j + width * (len(scen) - 1) / 2 for j in range(len(names))], names, fontsize=8)
     ax.set_ylabel("decode tok/s per request (p50)")
     ax.set_title("decode speed")
     ax.legend(fontsize=8)
