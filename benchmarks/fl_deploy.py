@@ -65,6 +65,7 @@ OURS = {
     "ours-int8": ["--compress", "int8"],
     "ours-dp": ["--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
     "ours-secagg-dp": ["--secagg", "--dp-clip", "1", "--dp-noise-multiplier", "0.1"],
+    "ours-again": [],  # ours re-measured in a split run (--merge), beside the systems run with it
     "ours-torchdist": ["--transport", "torchdist"],
     "ours-torchdist-gather": ["--transport", "torchdist", "--aggregation", "gather"],
     "ours-50": ["--clients-per-process", "10"],
@@ -397,6 +398,33 @@ def main() -> None:
     common.log(f"fl_deploy: uptime {Path('/proc/loadavg').read_text().strip()}; wrote {out}")
 
 
+def ratios(systems: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The headline ratios; each compares two systems of one exclusive run (`ours-again` is
+    `ours` re-measured in a later split run, for the systems measured with it)."""
+    by = {s["system"]: s for s in systems if "round_s" in s}
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        return by[a][key] / by[b][key] if a in by and b in by else None
+
+    ops = next((s for s in systems if s["system"] == "collective-ops" and "gather" in s), None)
+    grpc = "ours-again" if "ours-again" in by else "ours"
+    return {
+        "round_s_ours_over_flower": ratio("ours", "flower", "round_s"),
+        "bytes_ours_over_flower": ratio("ours", "flower", "bytes_per_round"),
+        "round_s_secagg_over_plain_ours": ratio("ours-secagg", "ours", "round_s"),
+        "round_s_secagg_over_plain_flower": ratio("flower-secagg", "flower", "round_s"),
+        "bytes_up_int8_over_float32": ratio("ours-int8", "ours", "bytes_up_per_round"),
+        "round_s_torchdist_over_grpc": ratio("ours-torchdist", grpc, "round_s"),
+        "round_s_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "round_s"),
+        "bytes_up_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "bytes_up_per_round"),
+        "op_s_all_reduce_over_gather": ops["all_reduce"]["median_s"] / ops["gather"]["median_s"] if ops else None,
+        "loopback_bytes_all_reduce_over_gather": (
+            ops["all_reduce"]["loopback_bytes_per_op"] / ops["gather"]["loopback_bytes_per_op"] if ops else None),
+        "round_s_secagg_over_plain_ours_50": ratio("ours-secagg-50", "ours-50", "round_s"),
+        "round_s_naive_over_grpc": ratio("naive", "ours", "round_s"),
+    }
+
+
 def write(args: argparse.Namespace, load_before: list[float], systems: list[dict[str, Any]], cost: Any, dp: Any,
           prev: dict[str, Any]) -> Path:
     """The JSON of this run; with --merge, `prev`'s systems not run now are kept (each with the
@@ -410,12 +438,6 @@ def write(args: argparse.Namespace, load_before: list[float], systems: list[dict
         s.setdefault("run", {"stamp": prev.get("stamp"), "loadavg_before": prev.get("loadavg_before")})
     order = [s["system"] for s in prev.get("systems", [])]
     systems = sorted(kept + systems, key=lambda s: order.index(s["system"]) if s["system"] in order else len(order))
-    by = {s["system"]: s for s in systems if "round_s" in s}
-
-    def ratio(a: str, b: str, key: str) -> float | None:
-        return by[a][key] / by[b][key] if a in by and b in by else None
-
-    ops = next((s for s in systems if s["system"] == "collective-ops" and "gather" in s), None)
     result = {
         "stamp": stamp,
         "host": host(),
@@ -428,21 +450,10 @@ def write(args: argparse.Namespace, load_before: list[float], systems: list[dict
         "systems": systems,
         "secagg_cost": cost,
         "dp_curve": dp,
-        "ratios": {
-            "round_s_ours_over_flower": ratio("ours", "flower", "round_s"),
-            "bytes_ours_over_flower": ratio("ours", "flower", "bytes_per_round"),
-            "round_s_secagg_over_plain_ours": ratio("ours-secagg", "ours", "round_s"),
-            "round_s_secagg_over_plain_flower": ratio("flower-secagg", "flower", "round_s"),
-            "bytes_up_int8_over_float32": ratio("ours-int8", "ours", "bytes_up_per_round"),
-            "round_s_torchdist_over_grpc": ratio("ours-torchdist", "ours", "round_s"),
-            "round_s_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "round_s"),
-            "bytes_up_all_reduce_over_gather": ratio("ours-torchdist", "ours-torchdist-gather", "bytes_up_per_round"),
-            "op_s_all_reduce_over_gather": ops["all_reduce"]["median_s"] / ops["gather"]["median_s"] if ops else None,
-            "loopback_bytes_all_reduce_over_gather": (
-                ops["all_reduce"]["loopback_bytes_per_op"] / ops["gather"]["loopback_bytes_per_op"] if ops else None),
-            "round_s_secagg_over_plain_ours_50": ratio("ours-secagg-50", "ours-50", "round_s"),
-            "round_s_naive_over_grpc": ratio("naive", "ours", "round_s"),
-        },
+        # the run that measured secagg_cost and dp_curve (an earlier one under --merge --no-extras)
+        "extras_run": (prev.get("extras_run") or {"stamp": prev.get("stamp"), "loadavg_before": prev.get("loadavg_before")})
+        if prev and args.no_extras else {"stamp": stamp, "loadavg_before": load_before},
+        "ratios": ratios(systems),
     }
     out = Path(args.out)
     common.write_json(out, result)
