@@ -12,7 +12,9 @@ Every row is scored by one scorer, our engine (`mlsyskit perplexity`, which read
 K-quant files), on the same held-out windows: the last 10 % of Tiny Shakespeare, --eval-tokens
 tokens, non-overlapping windows of 512. Bits per weight are counted the same way for all rows:
 stored bits of the linear weights (the tied embedding counted once, as the output projection),
-scales and minimums included (llama.cpp: the bytes of its blocks). A check compares our
+scales and minimums included (llama.cpp: the bytes of its blocks). Our tied embedding table is
+quantized like the output projection and serves both (rows dequantized on lookup), as
+llama.cpp's token_embd does, so file sizes compare directly. A check compares our
 perplexity of llama.cpp's Q4_K_M file with llama.cpp's own on a small text (goal: within 0.5 %).
 
 Stages (each caches its JSON in --cache, so a stage can be rerun alone):
@@ -67,7 +69,8 @@ OURS: dict[str, list[str] | None] = {
     "int4 AWQ+GPTQ g32, int8 head": ["--bits", "4", "--group-size", "32", "--method", "awq-gptq", "--lm-head", "int8", *CALIB],
     "int4 AWQ+GPTQ g32 float zero, dq scales, int8 head (preset q4)": ["--preset", "q4", *CALIB],
     "int3 RTN g32": ["--bits", "3", "--group-size", "32"],
-    "int3 AWQ+GPTQ g32, int8 head (preset q3)": ["--preset", "q3", *CALIB],
+    "int3 AWQ+GPTQ g32, int8 head": ["--bits", "3", "--group-size", "32", "--method", "awq-gptq", "--lm-head", "int8", *CALIB],
+    "int3/4 mixed by sensitivity <= 5.0 bpw, float zero, dq scales, AWQ+GPTQ, int8 table (preset q3)": ["--preset", "q3", *CALIB],
 }
 CHECK_FILES = ("llama-Q4_K_M.gguf", "llama-Q8_0.gguf", "f32.gguf")
 GOALS = {"int8_ppl_increase_max": 0.005, "llama_cpp_scoring_agreement_max": 0.005}

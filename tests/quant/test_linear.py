@@ -15,7 +15,7 @@ from torch import nn
 
 from mlsyskit.errors import UserError
 from mlsyskit.models.config import TransformerConfig
-from mlsyskit.models.transformer import build_transformer
+from mlsyskit.models.transformer import RowEmbedding, build_transformer
 from mlsyskit.models.vision import CNN, MLP
 from mlsyskit.quant import kernels
 from mlsyskit.quant.linear import (
@@ -86,6 +86,25 @@ def test_kernel_output_equals_dequantize_then_matmul(kind: str, scheme: QuantSch
     # from DENSE_ROWS rows on (prefill): dequantize, then one float32 matmul, exactly
     x = torch.randn(2, DENSE_ROWS // 2 + 1, 128, generator=_gen(3))
     assert torch.equal(layer(x), ref(x))
+
+
+ROW_CASES = [KERNEL_CASES[i][1] for i in (0, 3, 4, 5, -3)] + [
+    QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False, zero_point="float", double_quant=True),
+    QuantScheme(bits=4, granularity="group", group_size=16, symmetric=False),  # no kernel
+]
+
+
+@pytest.mark.parametrize("scheme", ROW_CASES,
+                         ids=lambda s: f"int{s.bits}-{s.granularity}-{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+def test_rows_are_the_dequantized_rows(scheme: QuantScheme) -> None:
+    # an embedding lookup on a quantized table: the kernels' gather (or the PyTorch fallback
+    # for group 16) gives exactly the rows of the weight the layer computes with, which is the
+    # dequantized tensor (float zero points: s q + m computed as s (q - z), to float rounding)
+    layer, _ = layer_and_reference(scheme)
+    ids = torch.tensor([5, 0, 47, 5, 12])
+    assert torch.equal(layer.rows(ids), layer.weight()[ids])
+    want = quantize_tensor(torch.randn(48, 128, generator=_gen(0)), scheme).dequantize()[ids]
+    torch.testing.assert_close(layer.rows(ids), want, rtol=0, atol=1e-6)
 
 
 FALLBACK_CASES = [
@@ -186,14 +205,17 @@ def test_quantize_transformer(tied: bool, spec: str) -> None:
     model = tiny_transformer(tied)
     config = parse_quantization(spec)
     ref = fake_quantized_copy(model, config)
-    if tied:  # the quantized head is a quantized copy of the embedding; the lookup stays float
-        ref.lm_head = nn.Linear(64, 96, bias=False)
+    if tied:  # the quantized table is the head and the lookup (rows dequantized)
         with torch.no_grad():
-            ref.lm_head.weight.copy_(quantize_tensor(model.embed.weight, config.scheme).dequantize())
+            ref.embed.weight.copy_(quantize_tensor(model.embed.weight, config.scheme).dequantize())
     quantize_(model, config)
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 2 * 4 + 1 and not any(type(m) is nn.Linear for m in model.modules())
-    assert isinstance(model.embed, nn.Embedding)
+    if tied:
+        assert isinstance(model.embed, RowEmbedding) and model.embed.layer is model.lm_head
+        assert not any(isinstance(m, nn.Embedding) for m in model.modules())
+    else:
+        assert isinstance(model.embed, nn.Embedding)
     with torch.no_grad():
         # 5 tokens: the integer kernels (activations rounded to int8 per block, ~0.5 %)
         out, want = model(torch.arange(5).unsqueeze(0)), ref(torch.arange(5).unsqueeze(0))

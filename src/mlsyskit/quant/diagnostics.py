@@ -187,8 +187,9 @@ def _layer_pairs(
     A quantized head of a tied model has no float linear: hook the final norm instead."""
     float_linears = {n: m for n, m in float_model.named_modules() if isinstance(m, nn.Linear)}
     pairs = {}
-    for name, q in quant_model.named_modules():
-        if not isinstance(q, QuantLinear):
+    # remove_duplicate=False: a quantized tied table is listed as "lm_head" too
+    for name, q in quant_model.named_modules(remove_duplicate=False):
+        if not isinstance(q, QuantLinear) or name == "embed.layer":  # the lookup: not a linear
             continue
         if name in float_linears:
             pairs[name] = (float_linears[name], q)

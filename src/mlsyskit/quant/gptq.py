@@ -22,8 +22,8 @@ one factorisation gives every update; updates are applied lazily, ``block`` colu
 
 :func:`gptq_` quantizes a whole Transformer block by block on calibration windows, each block
 on the inputs the already-quantized blocks before it produce (sequential, as the paper); the
-output projection (for a tied model a quantized copy of the embedding) from the final norm's
-outputs. After AWQ's scales are folded in (``awq_(..., quantize=False)``), it gives AWQ+GPTQ.
+output projection from the final norm's outputs (for a tied model the embedding table: the
+quantized table then serves the lookups too). After AWQ's scales are folded in (``awq_(..., quantize=False)``), it gives AWQ+GPTQ.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mlsyskit.errors import UserError
 from mlsyskit.models.transformer import Transformer
 from mlsyskit.quant.calibration import embed_inputs, recorded_inputs
-from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig
+from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig, install_tied_table
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
 
@@ -254,7 +254,10 @@ def gptq_(
                 for xb in x.split(BATCH):
                     h += hessian(model.norm(xb))
                 qt = _quantize_linear("lm_head", weight, h, config, damp, act_order, result)
-                model.lm_head = QuantLinear(qt, None if head is None else head.bias)
+                if head is None:  # tied: the quantized table is the head and the lookup
+                    install_tied_table(model, QuantLinear(qt))
+                else:
+                    model.lm_head = QuantLinear(qt, head.bias)
     return result
 
 
@@ -262,7 +265,7 @@ def _quantize_linear(
     name: str, w: Tensor, h: Tensor, config: WeightOnlyConfig, damp: float, act_order: bool, result: GPTQResult
 ) -> QuantizedTensor:
     w = w.detach().float()
-    scheme = config.scheme_for(w.shape[1])
+    scheme = config.scheme_for(w.shape[1], name)
     qt = gptq_quantize(w, h, scheme, damp=damp, act_order=act_order)
     result.errors_rtn[name] = _relative(w, quantize_tensor(w, scheme), h)
     result.errors_gptq[name] = _relative(w, qt, h)

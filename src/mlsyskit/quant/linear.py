@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
 from mlsyskit.models.gguf_loader import BlockWeight
-from mlsyskit.models.transformer import attach_linear_weights
+from mlsyskit.models.transformer import RowEmbedding, attach_linear_weights
 from mlsyskit.quant import kernels
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
@@ -50,7 +50,9 @@ def _dense_buffer(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     bufs = _scratch.__dict__.setdefault("bufs", {})
     n = shape[0] * shape[1]
     buf = bufs.get(dtype)
-    if buf is None or buf.numel() < n:
+    # a buffer made under inference_mode cannot enter autograd-tracked matmuls: make another
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or buf.numel() < n or stale:
         buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
@@ -172,13 +174,26 @@ class QuantLinear(_KernelLinear):
 
     def weight(self) -> Tensor:
         """The float32 weight this layer computes with (dequantized on demand)."""
-        n, k = self.out_features, self.in_features
-        codes = kernels.unpack_q4_blocks(self.codes) if self.kind == "q4" else self.codes
-        g = self.scale.shape[1]
-        q = codes.float().view(n, g, k // g)
+        return self._dequantize(slice(None))
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weight, dequantized (float32): an embedding lookup, so a
+        quantized table serves both the lookup and the tied output projection."""
+        ids = ids.reshape(-1)
+        if self._qw is not None:
+            return kernels.gather_rows(self._qw, ids)
+        return self._dequantize(ids)
+
+    def _dequantize(self, rows: slice | Tensor) -> Tensor:
+        k = self.in_features
+        codes = self.codes[rows]
+        codes = kernels.unpack_q4_blocks(codes) if self.kind == "q4" else codes
+        scale = self.scale[rows]
+        g = scale.shape[1]
+        q = codes.float().view(-1, g, k // g)
         if getattr(self, "zero", None) is not None:
-            q = q - self.zero.unsqueeze(-1)
-        return (q * self.scale.unsqueeze(-1)).view(n, k)
+            q = q - self.zero[rows].unsqueeze(-1)
+        return (q * scale.unsqueeze(-1)).view(-1, k)
 
     @property
     def nbytes(self) -> int:
@@ -252,20 +267,24 @@ class WeightOnlyConfig:
     """Which linear layers to quantize and how (``quantize_``'s argument).
 
     ``include_lm_head``: also quantize the output projection; for a model with tied embeddings
-    a quantized copy of the embedding matrix becomes the head (the lookup table stays float).
-    ``filter(name, module)`` can exclude layers (default: every ``nn.Linear``).
+    the quantized embedding matrix becomes both the head and the lookup table (rows dequantized
+    on lookup, :func:`install_tied_table`).
+    ``filter(name, module)`` can exclude layers (default: every ``nn.Linear``);
+    ``overrides`` maps layer names (``"layers.3.ffn.down"``) to their own scheme.
     """
 
     scheme: QuantScheme
     include_lm_head: bool = True
     filter: Callable[[str, nn.Module], bool] | None = None
     fit_group_size: bool = True
+    overrides: dict[str, QuantScheme] = dataclasses.field(default_factory=dict)
 
-    def scheme_for(self, in_features: int) -> QuantScheme:
-        """The scheme for a layer: with ``fit_group_size``, a group size that does not divide
-        ``in_features`` shrinks to the largest one that does (a multiple of 32 when possible,
-        so the kernels apply), e.g. 128 -> 96 for SmolLM2's 576-wide inputs."""
-        s = self.scheme
+    def scheme_for(self, in_features: int, name: str | None = None) -> QuantScheme:
+        """The scheme for a layer (``overrides[name]`` when the layer has one: mixed
+        precision, :mod:`mlsyskit.quant.mixed`): with ``fit_group_size``, a group size that
+        does not divide ``in_features`` shrinks to the largest one that does (a multiple of 32
+        when possible, so the kernels apply), e.g. 128 -> 96 for SmolLM2's 576-wide inputs."""
+        s = self.overrides.get(name, self.scheme) if name is not None else self.scheme
         if s.granularity != "group" or in_features % s.group_size == 0 or not self.fit_group_size:
             return s
         sizes = [g for g in range(s.group_size, 0, -1) if in_features % g == 0]
@@ -319,12 +338,20 @@ def quantize_(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(lin, config.scheme_for(lin.in_features)))
+        setattr(parent, child, QuantLinear.from_linear(lin, config.scheme_for(lin.in_features, name)))
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     if tied and config.include_lm_head and "lm_head" not in model._modules:
         w = model.embed.weight
-        model.lm_head = QuantLinear.from_weight(w, None, config.scheme_for(w.shape[1]))
+        install_tied_table(model, QuantLinear.from_weight(w, None, config.scheme_for(w.shape[1], "lm_head")))
     return model
+
+
+def install_tied_table(model: nn.Module, layer: nn.Module) -> None:
+    """Make the quantized ``layer`` (with ``rows(ids)``) a tied model's embedding table and its
+    output projection at once: lookups dequantize the rows they read, the head runs the
+    quantized kernels, and the float table is dropped (stored and held once, quantized)."""
+    model.lm_head = layer
+    model.embed = RowEmbedding(layer)
 
 
 def attach_quantized(model: nn.Module, weights: dict[str, QuantizedTensor]) -> nn.Module:

@@ -4,9 +4,11 @@ A directory written by :func:`save_model_dir` holds:
 
 - ``model.safetensors`` + ``quant_config.json``: the :mod:`mlsyskit.quant.storage` format. Each
   quantized linear layer is stored under ``"<module path>.weight"`` (packed codes, scales and
-  zero points, its scheme in the JSON header); everything else (embeddings, norms, biases) is
-  stored unchanged under its state-dict name. The header's extra keys (``meta``) say how the
-  model was quantized (method, requested scheme, calibration, source checkpoint).
+  zero points, its scheme in the JSON header); a tied model's quantized head is its quantized
+  embedding table, stored once as ``"embed.weight"`` (rows dequantized on lookup); everything
+  else (float embeddings, norms, biases) is stored unchanged under its state-dict name. The
+  header's extra keys (``meta``) say how the model was quantized (method, requested scheme,
+  calibration, source checkpoint).
 - ``config.json``: ``TransformerConfig.to_dict()``.
 - ``tokenizer.json`` (the ``tokenizers`` library's own format) and ``tokenizer_config.json``
   (``bos_token_id``, ``eos_token_ids``, ``add_bos_token``, ``chat_template``).
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Loader, load_checkpoint, register_loader
+from mlsyskit.models.transformer import RowEmbedding
 from mlsyskit.quant import kernels
 from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig
 from mlsyskit.quant.scheme import QuantScheme
@@ -89,16 +92,24 @@ def quantized_tensor_of(layer: QuantLinear) -> QuantizedTensor:
 
 def model_tensors(model: nn.Module) -> dict[str, Tensor | QuantizedTensor]:
     """The model's state dict with every QuantLinear as ``"<path>.weight"`` -> QuantizedTensor
-    (and ``"<path>.bias"`` when it has one) instead of its kernel buffers."""
-    qlinears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    (and ``"<path>.bias"`` when it has one) instead of its kernel buffers. A quantized embedding
+    table (a :class:`RowEmbedding`) is ``"embed.weight"``; when it is also the tied head it is
+    written once (the loader makes it the head again)."""
+    embed = model._modules.get("embed")
+    table = embed.layer if isinstance(embed, RowEmbedding) else None
+    # remove_duplicate=False: a shared table sits under "embed.layer" and "lm_head"
+    qlinears = {
+        name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)
+    }
     out: dict[str, Tensor | QuantizedTensor] = {}
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] not in qlinears:
             out[key] = value
     for name, layer in qlinears.items():
-        out[f"{name}.weight"] = quantized_tensor_of(layer)
+        path = "embed" if layer is table else name
+        out[f"{path}.weight"] = quantized_tensor_of(layer)
         if layer.bias is not None:
-            out[f"{name}.bias"] = layer.bias
+            out[f"{path}.bias"] = layer.bias
     return out
 
 
@@ -305,14 +316,18 @@ def quantize_checkpoint(
     progress: bool = False,
     overwrite: bool = False,
     act_order: bool = False,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Load ``source`` (GGUF, HF or None for the embedded default), quantize its linear layers
     with ``config`` by round-to-nearest (``"rtn"``), AWQ (``"awq"``), GPTQ (``"gptq"``, with
     ``act_order`` optionally) or AWQ's scales then GPTQ (``"awq-gptq"``), the last three
     calibrated on ``calib_windows`` windows of ``calib_window_len`` tokens of ``calib_text``
     (None: the default text); the output projection as ``lm_head`` says (:func:`split_head`;
-    AWQ does not scale it, GPTQ quantizes it with "same"), write it to ``out`` with :func:`save_model_dir`, reload it and check the
-    logits are identical. Returns a JSON-able summary."""
+    AWQ does not scale it, GPTQ quantizes it with "same"). With ``budget`` (bits per weight,
+    the output projection included), the block layers get mixed widths chosen by sensitivity on
+    the calibration windows (:func:`mlsyskit.quant.mixed.plan_mixed`; ``config.scheme`` is the
+    cheapest). Writes the model to ``out`` with :func:`save_model_dir`, reloads it and checks
+    the logits are identical. Returns a JSON-able summary."""
     import time
 
     from mlsyskit.models.transformer import build_transformer
@@ -329,13 +344,29 @@ def quantize_checkpoint(
     model = build_transformer(ckpt.config, ckpt.state_dict)
     body, head = split_head(config, lm_head)
     effective = check_fits(model, body)
-    calibration = None
-    if method != "rtn":
+    calibration, mixed = None, None
+    if method != "rtn" or budget is not None:
         from mlsyskit.quant.calibration import calibration_windows, default_calibration_text
 
         text = default_calibration_text() if calib_text is None else calib_text
         ids = calibration_windows(ckpt.tokenizer, text, n_windows=calib_windows, window=calib_window_len)
         calibration = {"text": calib_name, "windows": int(ids.shape[0]), "window": int(ids.shape[1])}
+    if budget is not None:
+        from mlsyskit.quant.mixed import plan_mixed
+
+        dim = model.cfg.dim
+        head_scheme = head.scheme if head is not None else None if lm_head == "float" else body.scheme_for(dim)
+        plan = plan_mixed(model, ids, body, budget, head_scheme)
+        body = dataclasses.replace(body, overrides=plan.schemes)
+        widths = plan.widths()
+        mixed = {
+            "budget": budget,
+            "planned_bits_per_weight": round(plan.bits_per_weight, 6),
+            "layers_by_bits": {str(b): sum(v == b for v in widths.values()) for b in sorted(set(widths.values()))},
+            "bits": widths,
+            "errors_rtn": {k: [round(e, 6) for e in v] for k, v in plan.errors.items()},
+        }
+    if method != "rtn":
         if method.startswith("awq"):
             from mlsyskit.quant.awq import awq_
 
@@ -349,7 +380,7 @@ def quantize_checkpoint(
         quantize_(model, body)
     if head is not None:
         quantize_(model, head)
-    label = scheme_label(config, method, lm_head)
+    label = scheme_label(config, method, lm_head) + ("" if budget is None else f"-mixed{budget:g}")
     meta = {
         "label": label,
         "method": method,
@@ -359,6 +390,7 @@ def quantize_checkpoint(
         "effective_group_size": effective,
         "calibration": calibration,
         "act_order": act_order if method.endswith("gptq") else None,
+        "mixed": mixed,
         "source": ckpt.source,
         "source_file_type": ckpt.file_type,
     }
@@ -372,6 +404,7 @@ def quantize_checkpoint(
         "file_bytes": file_bytes(path),
         "source_bytes": ckpt.original_bytes,
         "calibration": calibration,
+        "mixed": None if mixed is None else {k: v for k, v in mixed.items() if k not in ("bits", "errors_rtn")},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
