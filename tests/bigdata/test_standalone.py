@@ -25,7 +25,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MLSYSKIT_SPARK_CLUSTER_TEST"),
-    reason="starts a standalone cluster and 4 more JVMs (~1 min on 2 quiet cores, 3 under load): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
+    reason="starts a standalone cluster and 4 more JVMs (46 s on 2 quiet cores, 3 min at load 6-8): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
 )
 
 TASK_THREAD = "Executor task l"  # "Executor task launch worker ..." as Linux keeps it (15 chars)
