@@ -344,14 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         runs[part] = {**common.run_stamp(), "loadavg_start": common.loadavgs()}
         if part == "ngram":
-            ng = report["ngram"] = {"order": ORDER, "unit": "tokens", "sizes": {}}
+            # a re-run replaces the sizes; the cluster part's runs stay
+            ng = report["ngram"] = {**report.get("ngram", {}), "order": ORDER, "unit": "tokens", "sizes": {}}
             for r in repeats:
                 corpus = work / f"corpus-x{r}.txt"
                 size = ng["sizes"][str(r)] = {"corpus_bytes": corpus.stat().st_size}
                 size["single"] = _run("single-ngram", args, corpus, work / f"docs-{docs[0]}", work / f"single-ngram-x{r}")
                 size["local2"] = _run("spark-ngram", args, corpus, work / f"docs-{docs[0]}", work / f"spark-ngram-x{r}", "local[2]")
         elif part == "ingest":
-            ing = report["ingest"] = {"unit": "chunks", "sizes": {}}
+            ing = report["ingest"] = {**report.get("ingest", {}), "unit": "chunks", "sizes": {}}
             for n in docs:
                 folder, corpus = work / f"docs-{n}", work / f"corpus-x{repeats[0]}.txt"
                 size = ing["sizes"][str(n)] = {"documents": n}
