@@ -9,8 +9,14 @@ is set against the machine's memory bandwidth, measured here with numpy (one thr
 (all threads) reading a 512 MiB array: a product near that bandwidth is memory-bound, one far
 below it is compute- or overhead-bound.
 
-Run:  .venv/bin/python benchmarks/engine_profile.py [--threads 1,2] [--tokens 128]
-Writes benchmarks/results/engine_profile.json.
+With ``--together``: where the time of engine_throughput.py's 64-requests-at-once workload goes
+instead (the same prompts and lengths): per engine step, the scheduler, the step's tensors, the
+layers (prefill steps and decode steps apart), the logits and sampling; the default engine
+next to one whose fused decode steps stop at 31 rows (the limit before this profile), the two
+alternating, ``--together-reps`` runs each.
+
+Run:  .venv/bin/python benchmarks/engine_profile.py [--threads 1,2] [--tokens 128] [--together]
+Writes benchmarks/results/engine_profile.json (engine_profile_together.json with --together).
 """
 
 from __future__ import annotations
@@ -123,13 +129,104 @@ def profile_decode(llm: Any, prompt_ids: list[int], tokens: int, threads: int) -
     }
 
 
+def profile_together(llm_factory: Any, reqs: list[Any], fused_rows: int | None) -> dict[str, Any]:
+    """All of ``reqs`` (prompt ids, max_tokens) at once through a fresh engine, greedy, EOS
+    ignored; seconds per part of the steps (see the module docstring)."""
+    from collections import defaultdict
+
+    from mlsyskit.engine import SamplingParams
+    from mlsyskit.engine.fused_decode import FusedDecoder
+
+    llm = llm_factory()
+    eng, runner = llm.engine, llm.engine.runner
+    if fused_rows is not None and runner.fused is not None:
+        runner.fused = FusedDecoder(eng.model, eng.kv_cache, max_rows=fused_rows)
+    llm.generate([reqs[0][0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm
+    secs: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+    def timed(obj: Any, name: str, key: Any) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                kind = key(*a) if callable(key) else key
+                secs[kind] += time.perf_counter() - t
+                counts[kind] += 1
+        setattr(obj, name, wrapper)
+
+    timed(eng.scheduler, "schedule", "schedule")
+    timed(runner, "inputs", "inputs")
+    timed(runner, "hidden", lambda inputs, *_: "layers_prefill" if inputs.meta.prefills else "layers_decode")
+    timed(runner, "_logits", "logits")
+    timed(runner, "_sample", "sample")
+    for ids, n in reqs:
+        eng.add_request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    load0, steps0 = common.loadavg(), eng.num_steps
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    wall = time.perf_counter() - t0
+    parts = {k: round(v, 3) for k, v in secs.items()}
+    parts["engine_python"] = round(wall - sum(secs.values()), 3)
+    tokens = sum(n for _, n in reqs)
+    return {"fused_max_rows": runner.fused.max_rows if runner.fused is not None else None,
+            "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2), "steps": eng.num_steps - steps0,
+            "seconds_by_part": parts, "calls": dict(counts), "loadavg_1m": [load0, common.loadavg()]}
+
+
+def together_main(args: argparse.Namespace) -> int:
+    import torch
+
+    import engine_throughput as et
+    from mlsyskit.engine import LLM, load_checkpoint
+    from mlsyskit.models.checkpoint import default_model_path
+
+    threads = int(common.split_names(args.threads)[-1])
+    torch.set_num_threads(threads)
+    load0 = common.loadavgs()
+    native = load_checkpoint(args.model or default_model_path(), native=True)
+    wargs = et.build_parser().parse_args([])
+    text, source = et.load_text(wargs.data_dir)
+    wl = et.make_workload(wargs, native.tokenizer.encode, text)
+    reqs = [(r.prompt_ids, r.max_tokens) for r in wl["requests"]]
+    runs: dict[str, list[dict[str, Any]]] = {"default": [], "fused_max_rows_31": []}
+    for rep in range(args.together_reps):
+        for name in common.rotated(list(runs), rep):
+            r = profile_together(lambda: LLM(native), reqs, None if name == "default" else 31)
+            runs[name].append(r)
+            print(f"{name}: {r['tok_s']} tok/s, wall {r['wall_s']} s:", r["seconds_by_part"], flush=True)
+    best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
+    report = {
+        "benchmark": "engine_profile_together",
+        **common.run_stamp(),
+        "host": {**common.platform_info(), "cpu": common.cpu_model(), "cpus": common.usable_cpus(),
+                 "threads": threads, "loadavg_start": load0, "loadavg_end": common.loadavgs()},
+        "workload": {"source": source, "requests": len(reqs), "prompt_tokens": sum(len(i) for i, _ in reqs),
+                     "output_tokens": sum(n for _, n in reqs), "as": "engine_throughput.py's together phase"},
+        "runs": runs,
+        "best_wall_s": {k: v["wall_s"] for k, v in best.items()},
+        "speedup_default_over_31_rows": round(best["fused_max_rows_31"]["wall_s"] / best["default"]["wall_s"], 3),
+    }
+    out = common.write_json(args.out if args.out != str(DEFAULT_OUT) else common.RESULTS / "engine_profile_together.json", report)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2", help="thread counts to profile, comma-separated (default: 1,2)")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per profile (default: 128)")
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--together", action="store_true", help="profile the 64-requests-at-once workload instead (see above)")
+    p.add_argument("--together-reps", type=int, default=2, help="--together: runs of each engine, alternating (default: 2)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
+    if args.together:
+        return together_main(args)
     from mlsyskit.engine import LLM
 
     load0 = common.loadavgs()

@@ -66,6 +66,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- phase 0: load time, fresh from the GGUF path ---------------------------------------
     print(f"[engine_throughput] load times ({args.load_reps} fresh loads each)", flush=True)
-    loads = load_times(gguf, names, args.load_reps, args.threads)
+    loads = {} if args.together_only else load_times(gguf, names, args.load_reps, args.threads)
     for n, v in loads.items():
         print(f"  {n:12s} {v['load_s_median']} s", flush=True)
 
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             s.warm_prompt = wl["warm_prompt"]
         if n != "hf_batch":
             s.generate1(wl["warm_prompt"], 8)
+
+    if args.together_only:
+        return rerun_together(args, systems, reqs, load_start, t_start)
 
     # ---- phase 1a: prefill, systems taking turns --------------------------------------------
     print(f"[engine_throughput] prefill: a {args.prefill_tokens}-token prompt, {args.prefill_reps} rounds", flush=True)
@@ -443,6 +447,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rerun_together(args: argparse.Namespace, systems: dict[str, System], reqs: list[Request],
+                   load_start: list[float], t_start: float) -> int:
+    """--together-only: re-measure the all-together phase of the given systems and replace
+    their rows (and the throughput goals) in the existing report; the rest of it is kept."""
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {"benchmark": "engine_throughput", "systems": {}, "goals": {}}
+    zero = np.zeros(len(reqs))
+    rerun: dict[str, Any] = {**common.run_stamp(), "systems": list(systems), "loadavg_start": load_start}
+    for n in [n for n in ("ours", "ours_static", "ours_fp32", "llamacpp", "hf", "hf_batch") if n in systems]:
+        res = run_serve(systems[n], reqs, zero, "together")
+        res.pop("tokens", None)
+        report["systems"].setdefault(n, {"label": LABELS[n]})["together"] = {**res, "rerun": rerun["created"]}
+        time.sleep(args.settle)
+    rerun["loadavg_end"] = common.loadavgs()
+    rerun["wall_s"] = round(time.perf_counter() - t_start, 1)
+    goals = compute_goals(report["systems"], [], [], {})
+    for key in [k for k in goals if k.startswith(("throughput_", "info_throughput_"))]:
+        report["goals"][key] = {**goals[key], "rerun": rerun["created"]} if isinstance(goals[key], dict) else goals[key]
+    report.setdefault("together_reruns", []).append(rerun)
+    common.write_json(out, report, default=str)
+    print_table(report)
+    print(f"\nupdated {out} (together phase of {', '.join(systems)}) in {rerun['wall_s']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
@@ -450,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run (about 2 min on an idle machine): 8 requests, prompts 16-128, outputs "
                    "8-32, 32-token batch-1 decode, 1 round, tiny kv_cache=False workload")
+    p.add_argument("--together-only", action="store_true",
+                   help="re-measure only the all-together phase of --systems (no load, prefill, decode, Poisson, "
+                   "perplexity or profile) and replace their rows and the throughput goals in the existing --out "
+                   "report (default: off, the full run)")
     p.add_argument("--requests", type=int, default=64, help="requests in the serving workload (default: 64)")
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 256], metavar=("MIN", "MAX"),
                    help="prompt lengths in tokens, uniform (default: 16 256; 16 512 doubles the run time)")

@@ -88,6 +88,20 @@ def kv_tier_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "kv_offload_dir": args.kv_offload_dir, "preemption": args.preemption}
 
 
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """``--speculative`` and its sizes (see mlsyskit.engine.speculative); serve/options.py adds them too."""
+    p.add_argument("--speculative", default=None, choices=("ngram",), help="speculative decoding: ngram drafts tokens by prompt lookup (the last tokens found earlier in the prompt or output) and verifies them in one step; greedy output is unchanged (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K", help="most draft tokens per step (default: 4)")
+    p.add_argument("--ngram-max", type=int, default=3, metavar="N", help="longest n-gram looked up (default: 3)")
+    p.add_argument("--ngram-min", type=int, default=1, metavar="N", help="shortest n-gram looked up (default: 1)")
+
+
+def speculative_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM/LLMEngine keyword arguments of the speculative decoding flags."""
+    return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
+            "ngram_max": args.ngram_max, "ngram_min": args.ngram_min}
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="most new tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default: {temperature})")
@@ -107,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_flags(gen)
     _add_kv_flags(gen)
+    add_speculative_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue; '-' reads it from standard input")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="split each layer's heads and MLP columns over N processes (gloo, all-reduce after the output and down projections) (default: 1)")
     gen.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="M", help="split the layers over M processes, micro-batches in flight (default: 1)")
@@ -125,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_flags(chat)
     _add_kv_flags(chat)
+    add_speculative_flags(chat)
     chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: none)")
     _add_sampling_flags(chat, temperature=0.2, top_p=0.9)
     chat.add_argument("--stats", action="store_true", help=STATS_HELP + "; one line per reply")
@@ -169,7 +185,8 @@ def _setup(args: argparse.Namespace) -> Any:
     )
     parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
                 "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kv_tier_kwargs(args), **parallel), params
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kv_tier_kwargs(args),
+               **speculative_kwargs(args), **parallel), params
 
 
 def _generate(args: argparse.Namespace) -> int:

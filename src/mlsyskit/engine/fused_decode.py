@@ -3,10 +3,12 @@
 A decode step of a small model at batch 1 is short enough that PyTorch's per-op cost (~35 ops
 per layer: norms, RoPE, the KV write, SwiGLU, residual adds) rivals the matrix products. For the
 Llama family with quantized weights (a GGUF file run natively, or ``mlsyskit quantize``
-layers) the decode rows of a step, fewer than ``DENSE_ROWS`` (32) of them, run each layer as one
+layers) the decode rows of a step, up to ``MAX_ROWS`` (64) of them, run each layer as one
 call instead (in a step that also prefills, the prefill rows go through the modules apart);
-prefill chunks and larger batches keep the module path, whose dense GEMMs win there. Both paths
-compute the same math with the same quantized products.
+prefill chunks and larger batches keep the module path, whose dense GEMMs win there. Up to 64
+rows the integer kernels beat the module path's dequantize + bf16 GEMM and its per-op cost
+(measured on 64 requests at once, SmolLM2 Q4_1, 2 threads: 16.2-16.7 s against 18.2-22.3 s
+when the fused steps stopped at 31 rows; ``benchmarks/engine_profile.py --together``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from mlsyskit.engine.attention import PagedKVCache
 from mlsyskit.models.blocks import RMSNorm
 from mlsyskit.models.transformer import Transformer
 from mlsyskit.quant import kernels
-from mlsyskit.quant.linear import DENSE_ROWS, BlockLinear, QuantLinear
+from mlsyskit.quant.linear import BlockLinear, QuantLinear
 
-MAX_ROWS = DENSE_ROWS - 1  # decode rows a fused step takes
+MAX_ROWS = 64  # decode rows a fused step takes (see the module docs)
 
 
 class ThreadTuner:
@@ -79,7 +81,7 @@ class ThreadTuner:
         self.next_trial = self.steps + self.period
 
 
-def _kernel_weight(m: object) -> kernels.QWeight | None:
+def kernel_weight(m: object) -> kernels.QWeight | None:
     """The kernels' view of a quantized linear layer without a bias, else None."""
     if isinstance(m, (QuantLinear, BlockLinear)) and m._qw is not None:
         return m._qw
@@ -98,7 +100,7 @@ class FusedDecoder:
         for layer in model.layers:
             attn, ffn = layer.attn, layer.ffn
             weights = [getattr(attn, "qkv", None), attn.o_proj, getattr(ffn, "gate_up", None), ffn.down]
-            if any(_kernel_weight(w) is None for w in weights):
+            if any(kernel_weight(w) is None for w in weights):
                 return False
             if any(w.bias is not None for w in weights[1:]):
                 return False
@@ -120,7 +122,7 @@ class FusedDecoder:
         )
         self.layers = []
         for i, layer in enumerate(model.layers):
-            w = [_kernel_weight(m) for m in (layer.attn.qkv, layer.attn.o_proj, layer.ffn.gate_up, layer.ffn.down)]
+            w = [kernel_weight(m) for m in (layer.attn.qkv, layer.attn.o_proj, layer.ffn.gate_up, layer.ffn.down)]
             bias = layer.attn.qkv.bias
             self.layers.append(kernels.DecodeLayer(
                 *(q.address for q in w), *(len(q.parts) for q in w),

@@ -48,6 +48,11 @@ class LLM:
     thread while the layers before compute (False: all copied before the step). The
     other arguments are those of :class:`~mlsyskit.engine.llm_engine.LLMEngine`.
 
+    Speculative decoding (:mod:`mlsyskit.engine.speculative`, off by default): ``speculative="ngram"``
+    drafts up to ``num_speculative_tokens`` tokens by prompt lookup (the sequence's last
+    ``ngram_max`` down to ``ngram_min`` tokens found earlier in its prompt or output) and
+    verifies them in one step; greedy output is the same as without it.
+
     Parallel inference (:mod:`mlsyskit.engine.parallel`): ``tensor_parallel_size=N`` splits each
     layer's heads and MLP columns over N processes, ``pipeline_parallel_size=M`` the layers over
     M stages (N x M processes in all). The LLM spawns the workers itself (a script doing so needs
@@ -83,6 +88,10 @@ class LLM:
         preemption: str = "auto",
         kv_tier_prefix: bool = True,
         kv_prefetch: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
+        ngram_max: int = 3,
+        ngram_min: int = 1,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel_timeout: float = 60.0,
@@ -119,6 +128,10 @@ class LLM:
             preemption=preemption,
             kv_tier_prefix=kv_tier_prefix,
             kv_prefetch=kv_prefetch,
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
+            ngram_max=ngram_max,
+            ngram_min=ngram_min,
         )
         # ranks > 1: spawn the workers first, so they load while this process does
         self._parallel = start_parallel(

@@ -23,6 +23,7 @@ from mlsyskit.engine.parallel import Group, ParallelRunner, wrap_tensor_parallel
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
+from mlsyskit.engine.speculative import make_proposer, release_tail
 from mlsyskit.errors import UserError
 from mlsyskit.models.tokenizer import IncrementalDecoder
 from mlsyskit.models.transformer import build_transformer
@@ -69,6 +70,10 @@ class LLMEngine:
         kv_offload_dir: str | Path | None = None,
         preemption: str = "auto",
         kv_tier_prefix: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
+        ngram_max: int = 3,
+        ngram_min: int = 1,
         kv_prefetch: bool = True,
     ) -> None:
         if batching not in BATCHING:
@@ -138,10 +143,15 @@ class LLMEngine:
                 if preemption != "recompute":
                     swap_policy = SwapPolicy(preemption, per_block / block_size, measure_copy_bandwidth())
             self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching, self.kv_tiers)
+        # speculative decoding (prompt lookup): checked before the model is built
+        self.proposer = make_proposer(speculative, num_speculative_tokens, ngram_max, ngram_min)
+        if self.proposer is not None and (parallel is not None or not kv_cache):
+            raise UserError("speculative decoding needs the KV cache and one process "
+                            "(not kv_cache=False, tensor or pipeline parallel)")
         self.scheduler = Scheduler(
             self.block_manager, batching=batching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
-            swap_policy=swap_policy,
+            swap_policy=swap_policy, proposer=self.proposer, max_model_len=self.max_model_len,
         )
         if parallel is not None:
             self.runner: ModelRunner = ParallelRunner(self.model, self.kv_cache, parallel)
@@ -212,31 +222,38 @@ class LLMEngine:
         t0 = time.perf_counter()
         tokens = self.runner.step(batch)
         policy = self.scheduler.swap_policy
-        if policy is not None and all(n > 1 for _, n in batch):  # a pure prefill step: its rate
+        if policy is not None and all(n > 1 and not s.draft for s, n in batch):  # a pure prefill step: its rate
             policy.observe_prefill(sum(n for _, n in batch), time.perf_counter() - t0)
         self.num_steps += 1
         now = time.perf_counter()
         updated: list[RequestOutput] = []
         for (seq, n), tok in zip(batch, tokens, strict=True):
-            seq.num_computed += n
             self.tokens_computed += n
+            if isinstance(tok, list):  # a verified draft: KV kept for the pending token and the accepted ones
+                self.proposer.record(len(seq.draft), len(tok) - 1)
+                n = len(tok)
+                release_tail(self.block_manager, seq, seq.num_computed + n + 1)
+            seq.draft = []
+            seq.num_computed += n
             if self.block_manager is not None:
                 self.block_manager.commit(seq)
             if tok is None:
                 continue
             req = self.requests[seq.request_id]
-            updated.append(self._append(req, tok, now))
+            updated.append(self._append(req, tok if isinstance(tok, list) else [tok], now))
         return updated
 
-    def _append(self, req: _Request, tok: int, now: float) -> RequestOutput:
+    def _append(self, req: _Request, toks: list[int], now: float) -> RequestOutput:
+        """Append a step's tokens (several after a verified draft) until one finishes the request."""
         seq, out, p = req.seq, req.out, req.seq.params
         out.delta, out.delta_token_ids = "", []
         if out.first_token_time is None:
             out.first_token_time = now
         reason, truncated = None, False
-        if tok in self.eos_ids and not p.ignore_eos:
-            reason = "stop"
-        else:
+        for tok in toks:
+            if tok in self.eos_ids and not p.ignore_eos:
+                reason = "stop"
+                break
             seq.token_ids.append(tok)
             out.token_ids.append(tok)
             out.delta_token_ids.append(tok)
@@ -248,8 +265,10 @@ class LLMEngine:
                 if hits:
                     out.text = out.text[: min(hits)]
                     reason, truncated = "stop", True
-            if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
+                    break
+            if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"
+                break
         if reason and not truncated:
             out.text += req.detok.flush()  # bytes held back for a character that never completed
         hold = 0 if reason or not p.stop else max(map(len, p.stop)) - 1
@@ -275,6 +294,10 @@ class LLMEngine:
             out["preemptions"] = self.scheduler.num_preemptions
             out["preemptions_swapped"] = self.scheduler.num_swaps
         return out
+
+    def spec_stats(self) -> dict[str, float]:
+        """Speculative decoding's counters (see :meth:`NgramProposer.stats`); empty when off."""
+        return {} if self.proposer is None else self.proposer.stats()
 
     def kv_tier_stats(self) -> dict[str, float]:
         """The tiers' counters only (cheap: no walk over the pool's blocks); empty without tiers."""

@@ -3,6 +3,15 @@
 A step's rows are laid end to end, decodes first. They run through the model's modules and the
 paged cache (:meth:`Transformer.forward_tokens`), except that with a :class:`FusedDecoder`
 (a quantized Llama-family model) up to ``fused.max_rows`` decode rows take one C call per layer.
+
+A speculative verify row (a sequence's pending token and its draft, see
+:mod:`mlsyskit.engine.speculative`) becomes one decode row per token, each attending over the
+cache up to its own position (the kernels write every row's key/value before any row attends),
+and all of them are sampled. So each position is computed by the same kernels as a single-token
+decode, activations quantized per row: the integer kernels sum a row's products in one order up
+to ``kernels.TILE_ROWS`` (7) rows and in another (lane-wise GEMM) from 8, so with the fused
+decoder the decode rows of a step with a draft go through it, and through the quantized head,
+in chunks of at most 7 rows, never the lane-wise or dense GEMMs that more rows would pick.
 """
 
 from __future__ import annotations
@@ -13,23 +22,31 @@ import torch
 from torch import Tensor
 
 from mlsyskit.engine.attention import PagedKVCache, PrefillChunk, StepMeta
-from mlsyskit.engine.fused_decode import FusedDecoder
+from mlsyskit.engine.fused_decode import FusedDecoder, kernel_weight
 from mlsyskit.engine.kv_tiers import KVTiers
 from mlsyskit.engine.sampling import sample
 from mlsyskit.engine.sequence import Sequence
+from mlsyskit.engine.speculative import accept
 from mlsyskit.models.transformer import Transformer
+from mlsyskit.quant import kernels
 
 
 @dataclasses.dataclass
 class StepRow:
     """What one sequence brings to a step, all a process needs to run it (pickled to the
     workers of a parallel engine): its new tokens, the position of the first, its block table,
-    and whether the step reaches its last token (its hidden state is sampled)."""
+    and whether the step reaches its last token (its hidden state is sampled); ``verify``: the
+    tokens are a pending token and its draft, each a decode row, all sampled."""
 
     tokens: list[int]
     start: int
     table: list[int]
     last: bool
+    verify: bool = False
+
+    @property
+    def decode(self) -> bool:
+        return len(self.tokens) == 1 or self.verify
 
 
 def step_rows(batch: list[tuple[Sequence, int]]) -> list[StepRow]:
@@ -37,7 +54,10 @@ def step_rows(batch: list[tuple[Sequence, int]]) -> list[StepRow]:
     rows = []
     for seq, n in batch:
         start = seq.num_computed
-        rows.append(StepRow(seq.token_ids[start : start + n], start, seq.block_table, start + n == len(seq)))
+        if seq.draft:
+            rows.append(StepRow([seq.token_ids[start], *seq.draft], start, seq.block_table, True, True))
+        else:
+            rows.append(StepRow(seq.token_ids[start : start + n], start, seq.block_table, start + n == len(seq)))
     return rows
 
 
@@ -45,17 +65,24 @@ def step_rows(batch: list[tuple[Sequence, int]]) -> list[StepRow]:
 class StepInputs:
     """A step's tensors: flat token ids, positions and KV slots, the attention metadata (its
     ``slot_mapping`` left empty: :meth:`ModelRunner.hidden` fills it in), and for each row the
-    index of its sampled token (``None``: a prefill chunk mid-prompt)."""
+    index of its (last) sampled token (``None``: a prefill chunk mid-prompt) and how many of its
+    tokens are sampled (more than one: a verify row)."""
 
     ids: Tensor
     positions: Tensor
     slots: Tensor
     meta: StepMeta
     last_rows: list[int | None]
+    num_sampled: list[int]
+
+    @property
+    def verify(self) -> bool:
+        return any(c > 1 for c in self.num_sampled)
 
     @property
     def sample_rows(self) -> list[int]:
-        return [r for r in self.last_rows if r is not None]
+        return [i for r, c in zip(self.last_rows, self.num_sampled, strict=True) if r is not None
+                for i in range(r - c + 1, r + 1)]
 
     def pure_decode(self, max_rows: int) -> bool:
         """Only decode rows, few enough for one fused call each layer."""
@@ -72,15 +99,19 @@ class ModelRunner:
         self.tiers: KVTiers | None = None  # KV tiers: their staged loads are copied in during the step
         # decode-only steps of a quantized Llama-family model: one C call per layer
         self.fused = FusedDecoder(model, kv) if fused and FusedDecoder.supports(model, kv) else None
+        # A quantized head runs the integer kernel for every step's rows (see _logits).
+        head = model._modules.get("lm_head")
+        self.head_qw = kernel_weight(head) if head is not None and head.bias is None else None
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
+    def step(self, batch: list[tuple[Sequence, int]]) -> list[int | list[int] | None]:
         """Compute ``n`` new tokens of each sequence; return a sampled token for each sequence
-        whose computation reached its last token (``None`` for a prefill chunk mid-prompt)."""
+        whose computation reached its last token (``None`` for a prefill chunk mid-prompt), the
+        accepted tokens (a list) for a sequence with a draft."""
         if self.kv is None:
             return self._step_recompute(batch)
-        # Decodes first: they are batched into one attention call per layer.
-        order = sorted(range(len(batch)), key=lambda i: batch[i][1] != 1)
+        # Decodes (and drafts) first: they are batched into one attention call per layer.
+        order = sorted(range(len(batch)), key=lambda i: batch[i][1] != 1 and not batch[i][0].draft)
         batch = [batch[i] for i in order]
         if self.tiers is not None:  # blocks back from a tier: copied layer by layer meanwhile
             self.tiers.start()
@@ -91,7 +122,7 @@ class ModelRunner:
         else:
             logits_rows = self._forward(batch)
         tokens = self._sample(batch, logits_rows)
-        out: list[int | None] = [None] * len(batch)
+        out: list[int | list[int] | None] = [None] * len(batch)
         for pos, i in enumerate(order):
             out[i] = tokens[pos]
         return out
@@ -102,16 +133,33 @@ class ModelRunner:
         if self.fused is not None and inputs.pure_decode(self.fused.max_rows):
             with self.fused.timed():  # a pure decode step: timed for the thread-count tuner
                 hidden = self.hidden(inputs)
-                logits = self.model.logits(hidden[rows])
+                logits = self._logits(hidden[rows], inputs.verify)
         else:
             hidden = self.hidden(inputs)
-            logits = self.model.logits(hidden[rows]) if rows else None
+            logits = self._logits(hidden[rows], inputs.verify) if rows else None
         out: list[Tensor | None] = []
         k = 0
-        for r in inputs.last_rows:
-            out.append(None if r is None else logits[k])
-            k += r is not None
+        for r, c in zip(inputs.last_rows, inputs.num_sampled, strict=True):
+            if r is None:
+                out.append(None)
+                continue
+            out.append(logits[k] if c == 1 else logits[k : k + c])
+            k += c
         return out
+
+    def _logits(self, hidden: Tensor, verify: bool = False) -> Tensor:
+        """Logits of the sampled rows. A quantized head runs the integer kernel whatever the
+        row count (the layer itself switches to a dequantized float32 GEMM from 32 rows): a
+        step samples at most one row per sequence (a draft's few more), where the kernel is
+        faster (measured: see the README's engine section), and each row's logits are then
+        the same as in a single-token decode (with drafts, in chunks of ``TILE_ROWS``)."""
+        if self.head_qw is None:
+            return self.model.logits(hidden)
+        h = self.model.norm(hidden)
+        if not verify or len(h) <= kernels.TILE_ROWS:
+            return kernels.qmatmul(h, self.head_qw)
+        step = kernels.TILE_ROWS
+        return torch.cat([kernels.qmatmul(h[a : a + step], self.head_qw) for a in range(0, len(h), step)])
 
     def inputs(self, rows: list[StepRow]) -> StepInputs:
         """The step's tensors (token ids, positions, slots, attention metadata), decodes first."""
@@ -123,6 +171,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         last_rows: list[int | None] = []
+        num_sampled: list[int] = []
         for row in rows:
             n, start, table = len(row.tokens), row.start, row.table
             end = start + n
@@ -130,9 +179,10 @@ class ModelRunner:
             ids.extend(row.tokens)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(end)
+            num_sampled.append(n if row.verify else 1)
+            if row.decode:  # a verify row: one decode row per token, each seeing up to itself
+                decode_tables.extend([table] * n)
+                decode_lens.extend(range(start + 1, end + 1))
             else:
                 mask = None
                 if start > 0:  # attend over the cached prefix too: query at p sees keys <= p
@@ -159,7 +209,7 @@ class ModelRunner:
         return StepInputs(
             torch.tensor(ids), torch.tensor(positions), torch.tensor(slots, dtype=torch.long),
             StepMeta(torch.empty(0, dtype=torch.long), nd, decode_blocks, decode_mask, prefills, decode_len, tables, lens),
-            last_rows,
+            last_rows, num_sampled,
         )
 
     def hidden(self, inputs: StepInputs, x: Tensor | None = None) -> Tensor:
@@ -167,14 +217,20 @@ class ModelRunner:
         layers' input instead of the tokens' embeddings (a pipeline stage after the first)."""
         ids_t, pos_t, slots_t, meta = inputs.ids, inputs.positions, inputs.slots, inputs.meta
         nd = meta.num_decode
-        if self.fused is not None and 0 < nd <= self.fused.max_rows:
+        if self.fused is not None and 0 < nd and (nd <= self.fused.max_rows or inputs.verify):
             if self.tiers is not None and self.tiers.pending(meta.decode_tables):
                 self.tiers.complete()  # a decode row reads a block still being copied in
             # Decode rows always take the fused path, whatever else is in the step, so a
             # token's result never depends on its neighbours (quantized activations turn
             # float32 rounding differences into rounding flips); prefills take the modules.
-            hidden = self.fused.forward(ids_t[:nd], pos_t[:nd].int(), slots_t[:nd], meta.decode_tables,
-                                        meta.decode_lens, None if x is None else x[:nd])
+            # With drafts, in chunks the integer kernels compute row by row (as for a lone
+            # decode row): a chunk's rows see the keys/values earlier chunks wrote.
+            mr = min(self.fused.max_rows, kernels.TILE_ROWS) if inputs.verify else self.fused.max_rows
+            pos32 = pos_t[:nd].int()
+            parts = [self.fused.forward(ids_t[a:b], pos32[a:b], slots_t[a:b], meta.decode_tables[a:b],
+                                        meta.decode_lens[a:b], None if x is None else x[a:b])
+                     for a, b in ((a, min(a + mr, nd)) for a in range(0, nd, mr))]
+            hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
             if not meta.prefills:
                 return hidden
             shifted = [dataclasses.replace(c, start=c.start - nd) for c in meta.prefills]
@@ -194,16 +250,27 @@ class ModelRunner:
         finally:
             self.kv.meta = None
 
-    def _sample(self, batch: list[tuple[Sequence, int]], rows: list[Tensor | None]) -> list[int | None]:
-        idx = [i for i, r in enumerate(rows) if r is not None]
+    def _sample(self, batch: list[tuple[Sequence, int]], rows: list[Tensor | None]) -> list[int | list[int] | None]:
+        out: list[int | list[int] | None] = [None] * len(batch)
+        idx = []
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            if r.dim() == 1:
+                idx.append(i)
+                continue
+            seq = batch[i][0]  # a draft: verified position by position
+            if self.logits_log is not None:
+                ctx = [*seq.token_ids, *seq.draft]
+                self.logits_log.extend((tuple(ctx[: len(seq) + j]), r[j].clone()) for j in range(len(r)))
+            out[i] = accept(r, seq.draft, seq.params, seq.generator)
         if not idx:
-            return [None] * len(batch)
+            return out
         logits = torch.stack([rows[i] for i in idx])
         seqs = [batch[i][0] for i in idx]
         if self.logits_log is not None:  # tests compare the logits of two engines
             self.logits_log.extend((tuple(s.token_ids), row.clone()) for s, row in zip(seqs, logits, strict=True))
         toks = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        out: list[int | None] = [None] * len(batch)
         for i, t in zip(idx, toks, strict=True):
             out[i] = t
         return out

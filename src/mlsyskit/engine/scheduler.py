@@ -12,6 +12,10 @@ are kept) and its blocks are freed, to be recomputed later, or, with a host tier
 :class:`~mlsyskit.engine.kv_cost.SwapPolicy` that prefers it, first swapped out, to be copied
 back when it is admitted again.
 
+With a speculative ``proposer`` (:mod:`mlsyskit.engine.speculative`), a decoding sequence whose
+last tokens occurred before gets a draft: its step computes the pending token and the draft
+(``1 + len(draft)`` tokens of the budget) and keeps what the model agrees with.
+
 ``static`` (the naive baseline): a batch of up to ``max_num_seqs`` requests is admitted only when
 the previous batch has completely finished; whole prompts are prefilled at once.
 """
@@ -23,6 +27,7 @@ from collections import deque
 from mlsyskit.engine.block_manager import BlockManager
 from mlsyskit.engine.kv_cost import SwapPolicy
 from mlsyskit.engine.sequence import Sequence, Status
+from mlsyskit.engine.speculative import NgramProposer
 
 BATCHING = ("continuous", "static")
 
@@ -37,9 +42,13 @@ class Scheduler:
         max_num_batched_tokens: int = 512,
         max_prefill_tokens: int = 16384,
         swap_policy: SwapPolicy | None = None,
+        proposer: NgramProposer | None = None,
+        max_model_len: int | None = None,
     ) -> None:
-        self.bm = block_manager
-        self.swap_policy = swap_policy  # None: preempted sequences are always recomputed  # None: no KV cache (recompute mode), nothing to allocate
+        self.bm = block_manager  # None: no KV cache (recompute mode), nothing to allocate
+        self.swap_policy = swap_policy  # None: preempted sequences are always recomputed
+        self.proposer = proposer  # None: no speculative decoding
+        self.max_model_len = max_model_len
         self.batching = batching
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -96,6 +105,16 @@ class Scheduler:
         self.bm.grow(seq, seq.num_computed + n)
         return True
 
+    def _draft(self, seq: Sequence, room: float) -> list[int]:
+        """Draft tokens for decoding ``seq``, at most ``room`` and no more than its output may
+        still take after the token the step computes anyway."""
+        if seq.num_computed != len(seq) - 1:  # a prompt chunk (or a recompute) still runs
+            return []
+        limit = int(min(room, seq.params.max_tokens - seq.num_output_tokens - 1))
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - len(seq) - 1)
+        return self.proposer.propose(seq, limit)
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step: ``(sequence, number of new tokens to compute)`` pairs."""
         static = self.batching == "static"
@@ -108,10 +127,15 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = int(min(len(seq) - seq.num_computed, budget))
+            seq.draft = self._draft(seq, budget - 1) if n == 1 and self.proposer is not None else []
+            n += len(seq.draft)
             if self._reserve(seq, n):
                 batch.append((seq, n))
                 budget -= n
         # A preempted sequence may have been scheduled before its victim-maker ran: drop it.
+        for s, _ in batch:
+            if s.status is not Status.RUNNING:
+                s.draft = []
         batch = [(s, n) for s, n in batch if s.status is Status.RUNNING]
         if static and self.running:
             return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ class Sequence:
     found by prefix caching); the scheduler computes the rest in chunks. After a preemption it
     drops to 0 and the whole sequence, generated tokens included, is recomputed, unless its
     blocks were swapped out to the host tier: then ``swapped`` holds their host slots and
-    ``num_computed`` is kept for when they come back.
+    ``num_computed`` is kept for when they come back. With speculative decoding the scheduler
+    may put ``draft`` tokens after the pending one for a step to verify.
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> None:
@@ -41,6 +43,9 @@ class Sequence:
         self.num_prefix_cached = 0  # tokens served from the prefix cache at (last) admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
+        # speculative decoding: this step's draft tokens (verified after the pending token)
+        self.draft: list[int] = []
+        self.ngram_index: Any = None  # the n-gram proposer's lookup table (speculative.NgramIndex)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -49,6 +49,9 @@ from mlsyskit.data.paths import default_cache_dir
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("cpu.c", "qmatmul.c", "attention.c", "decode.c")
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# csrc/qmatmul.c: up to this many activation rows each row's products are summed as for a lone
+# row (tiles); from GEMM_ROWS (8) on, lane-wise, in another order (float rounding differs)
+TILE_ROWS = 7
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 # best first: (name, compiler flags, CPU features it needs)
 VARIANTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (

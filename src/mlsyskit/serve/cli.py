@@ -59,7 +59,7 @@ def build_service(args: argparse.Namespace) -> tuple[Any, float]:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     from mlsyskit.engine import LLMEngine, load_checkpoint
-    from mlsyskit.engine.cli import kv_tier_kwargs
+    from mlsyskit.engine.cli import kv_tier_kwargs, speculative_kwargs
     from mlsyskit.engine.llm import _dtype
     from mlsyskit.serve.service import EngineService
 
@@ -72,6 +72,7 @@ def build_service(args: argparse.Namespace) -> tuple[Any, float]:
         dtype=_dtype(args.dtype),
         quantization=args.quantization,
         **kv_tier_kwargs(args),
+        **speculative_kwargs(args),
     )
     name = args.model_name or Path(ckpt.source).name.removesuffix(".gguf")
     service = EngineService(

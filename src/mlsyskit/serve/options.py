@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlsyskit.engine.cli import add_kv_tier_flags
+from mlsyskit.engine.cli import add_kv_tier_flags, add_speculative_flags
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="most requests the engine runs at once (default: 64)")
     p.add_argument("--num-kv-blocks", type=int, default=None, metavar="N", help="KV-cache blocks of 16 tokens (default: enough for --max-num-seqs full contexts, at most 1 GiB)")
     add_kv_tier_flags(p)
+    add_speculative_flags(p)
     p.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context length in tokens, prompt plus output (default: the model's)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N", help="most new tokens one choice may ask for; also the default when a request sets none (default: what the context leaves)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger request bodies get 413 (default: 1000000)")

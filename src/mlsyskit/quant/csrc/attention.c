@@ -139,6 +139,49 @@ static void store_kv(void *dst, const float *src, int64_t n, int fp16) {
 
 #define MAXG 16 /* query heads per kv head handled together */
 
+#if defined(__AVX512F__)
+/* The G query heads' scores against n consecutive keys (fp32 or fp16, D a multiple of 16, at
+ * most 256): each key is loaded (and converted) once for all G heads, not once per head. */
+static void scores_avx512(const float *qg, const char *kb, int64_t stride, int fp16, int n, int G, int D,
+                          float scale, float *s, int L, int t0, float *mx) {
+    const int nd = D / 16;
+    for (int t = 0; t < n; t++) {
+        const char *k = kb + t * stride;
+        __m512 kv[16];
+        for (int j = 0; j < nd; j++)
+            kv[j] = fp16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)k + 16 * j)))
+                         : _mm512_loadu_ps((const float *)k + 16 * j);
+        for (int g = 0; g < G; g++) {
+            const float *qh = qg + g * D;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
+            for (int j = 1; j < nd; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), kv[j], acc);
+            const float sc = _mm512_reduce_add_ps(acc) * scale;
+            s[g * L + t0 + t] = sc;
+            mx[g] = sc > mx[g] ? sc : mx[g];
+        }
+    }
+}
+
+/* o (G, D) += p[g][t] * v_t over n consecutive values: each value converted once for all heads */
+static void values_avx512(float *o, const char *vb, int64_t stride, int fp16, int n, int G, int D,
+                          const float *s, int L, int t0) {
+    const int nd = D / 16;
+    for (int t = 0; t < n; t++) {
+        const char *v = vb + t * stride;
+        __m512 vv[16];
+        for (int j = 0; j < nd; j++)
+            vv[j] = fp16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + 16 * j)))
+                         : _mm512_loadu_ps((const float *)v + 16 * j);
+        for (int g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(s[g * L + t0 + t]);
+            float *og = o + g * D;
+            for (int j = 0; j < nd; j++)
+                _mm512_storeu_ps(og + 16 * j, _mm512_fmadd_ps(p, vv[j], _mm512_loadu_ps(og + 16 * j)));
+        }
+    }
+}
+#endif
+
 /* q (B, H, D) row stride ldq between sequences; k_new / v_new (B, Hkv, D) row strides ldk / ldv;
  * slots (B,): flat slot (block * block_size + offset) of each new token; pools float32, or
  * float16 with kv_fp16; tables (B, max_blocks); lens (B,): context length including the new
@@ -181,6 +224,12 @@ int mlsk_attn_decode(const float *q, int64_t ldq, const float *k_new, int64_t ld
             for (int t0 = 0; t0 < L; t0 += block_size) {
                 const char *kb = kp + ((int64_t)table[t0 / block_size] * block_size * row + hk * D) * es;
                 const int n = L - t0 < block_size ? L - t0 : block_size;
+#if defined(__AVX512F__)
+                if (D % 16 == 0 && D <= 256) {
+                    scores_avx512(qg, kb, row * es, kv_fp16, n, G, D, scale, s, L, t0, mx);
+                    continue;
+                }
+#endif
                 for (int t = 0; t < n; t++) {
                     const void *k = kb + t * row * es;
                     for (int g = 0; g < G; g++) {
@@ -204,6 +253,12 @@ int mlsk_attn_decode(const float *q, int64_t ldq, const float *k_new, int64_t ld
             for (int t0 = 0; t0 < L; t0 += block_size) {
                 const char *vb = vp + ((int64_t)table[t0 / block_size] * block_size * row + hk * D) * es;
                 const int n = L - t0 < block_size ? L - t0 : block_size;
+#if defined(__AVX512F__)
+                if (D % 16 == 0 && D <= 256) {
+                    values_avx512(o, vb, row * es, kv_fp16, n, G, D, s, L, t0);
+                    continue;
+                }
+#endif
                 for (int t = 0; t < n; t++) {
                     const void *v = vb + t * row * es;
                     for (int g = 0; g < G; g++) axpy(o + g * D, s[g * L + t0 + t], v, kv_fp16, D);
