@@ -329,7 +329,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].set_xscale("log")
     axes[2].set_xlabel(f"epsilon (delta={dp[0]['delta']:g}, after {result['config']['dp_rounds']} rounds)")
     axes[2].set_ylabel("test accuracy")
-    fig.suptitle(f"FL deployed on loopback, {result['config']['clients']} clients, {MODEL} on MNIST-5k ({result['host']['cpu']}, {result['host']['cpus']} cores)", fontsize=10)
+    fig.suptitle(f"FL deployed on loopback, {result['config']['clients']} clients (-50 rows: 50), {MODEL} on MNIST-5k ({result['host']['cpu']}, {result['host']['cpus']} cores)", fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path)
 

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mlsyskit.cli import main
-from mlsyskit.fl import FLConfig, run
+from mlsyskit.fl import FLConfig, collective, run
 
 FLAGS = ["--dataset", "mnist-5k", "--model", "logreg", "--clients", "3", "--fraction", "1", "--local-epochs", "1",
          "--batch-size", "50", "--lr", "0.1", "--rounds", "2"]
@@ -78,3 +80,42 @@ def test_collective_refuses_what_it_cannot_do(tmp_path, capsys, monkeypatch):
     assert main(["fl", "launch", *FLAGS, "--aggregation", "gather", "--out", str(tmp_path / "z")]) == 2
     assert "--transport torchdist" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+class RanksInProcess:
+    """The all_reduce path of the collective transport with its client ranks in this process:
+    each rank trains its dealt clients and builds its vector (`contribute`), the vectors are
+    summed as all_reduce sums them, and rank 0 reads the sum (`reduced`)."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def start(self, fed):
+        pass
+
+    def collect(self, fed, rnd, global_w, sampled, active):
+        total = 0
+        for rank in range(1, self.world):
+            ids, models, losses = collective.train_dealt(fed, rnd, global_w, active, rank, self.world)
+            total = total + collective.contribute(fed, active, ids, models, losses, global_w)
+        return collective.reduced(fed, active, total)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("kw", [
+    dict(strategy="fedadam", malicious=2, attack="nan"),  # server state; ranks reject their own NaN
+    dict(strategy="fedprox", max_update_norm=0.5, malicious=1, attack="scale", attack_scale=5.0),  # clipped by each rank
+    dict(strategy="fedyogi", dp_clip=0.5, dp_noise_multiplier=1.0),  # equal weights, rank 0 adds the noise
+])
+def test_all_reduce_sum_gives_the_simulated_model(tmp_path, data_dir, kw):
+    cfg = dict(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=6, fraction=1.0,
+               local_epochs=1, batch_size=100, lr=0.1, rounds=2, client_exec="sequential", **kw)
+    run(FLConfig(**cfg, out=str(tmp_path / "sim")), progress=False)
+    run(FLConfig(**cfg, out=str(tmp_path / "sum")), progress=False, transport=RanksInProcess(world=3))
+    for d, s in zip(_rows(tmp_path / "sum"), _rows(tmp_path / "sim"), strict=True):
+        assert d["aggregation"] == "all-reduce" and d["rejected"] == s["rejected"] and d["clients"] == s["clients"] == 6
+        assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-4)
+    a, b = load_file(str(tmp_path / "sum" / "model.safetensors")), load_file(str(tmp_path / "sim" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

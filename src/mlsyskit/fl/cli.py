@@ -366,7 +366,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="one client process: joins the server, trains its own partition each round it is sampled",
         description="Gets the run's config from the server, loads the data and keeps only its own partition "
         "(same partitioner and seed as the server), trains with fedavg's client code and sends its model. "
-        "Prints one JSON line when the server ends the run.",
+        "Prints one JSON line (per hosted client) when the server ends the run.",
     )
     c.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
     c.add_argument("--client-id", type=_client_ids, required=True, metavar="K",

@@ -144,26 +144,12 @@ class CollectiveTransport:
         )
 
     def _all_reduce(self, fed: Federation, active: np.ndarray, t0: float, down: int) -> Collected:
-        k, p = len(active), fed.num_params
-        buf = torch.zeros(_reduce_len(p, k))  # rank 0 trains no client: it adds zeros
+        buf = torch.zeros(_reduce_len(fed.num_params, len(active)))  # rank 0 trains no client: it adds zeros
         dist.all_reduce(buf)
-        status = buf[p + 1 : p + 1 + k].round().long()
-        losses, norms = buf[p + 1 + k : p + 1 + 2 * k], buf[p + 1 + 2 * k :].double()
-        ok = status == ACCEPTED
-        answered = status > 0
-        return Collected(
-            ids=[int(c) for c in active[ok.numpy()]],
-            models=torch.zeros(0, p),
-            losses=losses[answered],
-            train_s=time.perf_counter() - t0,
-            missing=[int(c) for c in active[(~answered).numpy()]],
-            summed=buf[:p].double(),
-            nonfinite=[int(c) for c in active[(status == NONFINITE).numpy()]],
-            norms=norms[ok],
-            aggregation="all-reduce",
-            bytes_up=(self.world - 1) * buf.numel() * 4,
-            bytes_down=down,
-        )
+        got = reduced(fed, active, buf)
+        got.train_s = time.perf_counter() - t0
+        got.bytes_up, got.bytes_down = (self.world - 1) * buf.numel() * 4, down
+        return got
 
     def close(self) -> None:
         if self.world and dist.is_initialized():
@@ -172,7 +158,39 @@ class CollectiveTransport:
             dist.broadcast(header, 0)
 
 
-def _contribute(fed: Federation, active: np.ndarray, ids: np.ndarray, models: torch.Tensor, losses: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
+def reduced(fed: Federation, active: np.ndarray, buf: torch.Tensor) -> Collected:
+    """What rank 0 reads from the all_reduced vector (the sum of every rank's `contribute`)."""
+    k, p = len(active), fed.num_params
+    status = buf[p + 1 : p + 1 + k].round().long()
+    losses, norms = buf[p + 1 + k : p + 1 + 2 * k], buf[p + 1 + 2 * k :].double()
+    ok, answered = status == ACCEPTED, status > 0
+    return Collected(
+        ids=[int(c) for c in active[ok.numpy()]],
+        models=torch.zeros(0, p),
+        losses=losses[answered],
+        train_s=0.0,
+        missing=[int(c) for c in active[(~answered).numpy()]],
+        summed=buf[:p].double(),
+        nonfinite=[int(c) for c in active[(status == NONFINITE).numpy()]],
+        norms=norms[ok],
+        aggregation="all-reduce",
+    )
+
+
+def train_dealt(fed: Federation, rnd: int, global_w: torch.Tensor, active: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Train the active clients dealt to client rank `rank` (round-robin over ranks 1..W-1), as
+    the simulation does (attacks included): their ids, (n, P) models and (n,) losses."""
+    ids = active[rank - 1 :: world - 1]
+    if not len(ids):
+        return ids, torch.zeros(0, fed.num_params), torch.zeros(0)
+    models, losses = train_clients(fed, rnd, global_w, ids)
+    for i, c in enumerate(ids):
+        if c in fed.malicious:
+            models[i] = poison_update(fed, rnd, int(c), models[i], global_w)
+    return ids, models, losses
+
+
+def contribute(fed: Federation, active: np.ndarray, ids: np.ndarray, models: torch.Tensor, losses: torch.Tensor, global_w: torch.Tensor) -> torch.Tensor:
     """This rank's all_reduce vector: its clients' weighted updates summed, their weights, and
     in each one's slot its status, loss and update norm. A client whose update is not a finite
     vector of the model's size is checked here, not by rank 0: weight 0, status NONFINITE."""
@@ -210,16 +228,10 @@ def serve_rank(rank: int, world: int) -> dict[str, int]:
         global_w = torch.empty(p)
         dist.broadcast(global_w, 0)
         active = header[3 : 3 + k].numpy()
-        ids = active[rank - 1 :: world - 1]
-        models, losses = torch.zeros(0, p), torch.zeros(0)
-        if len(ids):
-            models, losses = train_clients(fed, rnd, global_w, ids)
-            for i, c in enumerate(ids):
-                if c in fed.malicious:
-                    models[i] = poison_update(fed, rnd, int(c), models[i], global_w)
-            trained += len(ids)
+        ids, models, losses = train_dealt(fed, rnd, global_w, active, rank, world)
+        trained += len(ids)
         if mode == "all-reduce":
-            dist.all_reduce(_contribute(fed, active, ids, models, losses, global_w))
+            dist.all_reduce(contribute(fed, active, ids, models, losses, global_w))
             continue
         out = torch.full((_rows(k, world), p + 2), -1.0)
         out[: len(ids), 0] = torch.from_numpy(ids.astype(np.float32))
