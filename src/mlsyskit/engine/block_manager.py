@@ -154,18 +154,30 @@ class BlockManager:
                     b.key = None if prev_key is None else chain_key(prev_key, b.token_ids)
                 self.hash_to_block.setdefault(b.hash, bid)
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back ``seq``'s blocks past the first ``num_tokens`` tokens (the counterpart of
+        :meth:`grow`: a verified draft's rejected positions)."""
+        keep = self.blocks_needed(num_tokens)
+        if len(seq.block_table) > keep:
+            self._release(seq.block_table[keep:])
+            seq.block_table = seq.block_table[:keep]
+
     def free_seq(self, seq: Sequence) -> None:
-        """Drop ``seq``'s references; blocks nobody uses go back to the free list (last block
-        first, so a sequence's tail is reused before its shareable head)."""
-        for bid in reversed(seq.block_table):
+        """Drop ``seq``'s references (see :meth:`_release`)."""
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def _release(self, table: list[int]) -> None:
+        """Drop one reference to each block of ``table``; blocks nobody uses go back to the
+        free list (last block first, so a sequence's tail is reused before its shareable head)."""
+        for bid in reversed(table):
             b = self.blocks[bid]
             b.ref_count -= 1
             if b.ref_count == 0:
                 if b.hash is None:
                     b.filled = 0
                 self.free[bid] = None
-        seq.block_table = []
-        seq.num_computed = 0
 
     # -- swap --------------------------------------------------------------------------------
     def swap_out(self, seq: Sequence) -> bool:

@@ -23,7 +23,7 @@ from mlsyskit.engine.parallel import Group, ParallelRunner, wrap_tensor_parallel
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
-from mlsyskit.engine.speculative import make_proposer, release_tail
+from mlsyskit.engine.speculative import make_proposer
 from mlsyskit.errors import UserError
 from mlsyskit.models.tokenizer import IncrementalDecoder
 from mlsyskit.models.transformer import build_transformer
@@ -232,7 +232,7 @@ class LLMEngine:
             if isinstance(tok, list):  # a verified draft: KV kept for the pending token and the accepted ones
                 self.proposer.record(len(seq.draft), len(tok) - 1)
                 n = len(tok)
-                release_tail(self.block_manager, seq, seq.num_computed + n + 1)
+                self.block_manager.shrink(seq, seq.num_computed + n + 1)
             seq.draft = []
             seq.num_computed += n
             if self.block_manager is not None:

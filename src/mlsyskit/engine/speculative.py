@@ -9,7 +9,7 @@ paged KV cache, each computed as a decode row of its own, see
 :class:`~mlsyskit.engine.model_runner.ModelRunner`); :func:`accept` keeps the longest prefix of
 the draft the model agrees with plus the model's own next token, so every verify step emits
 1 to ``k + 1`` tokens. The KV of rejected positions is dropped: ``num_computed`` advances only
-over the kept ones and whole blocks past them go back to the pool (:func:`release_tail`).
+over the kept ones and whole blocks past them go back to the pool (:meth:`~mlsyskit.engine.block_manager.BlockManager.shrink`).
 
 Greedy requests get exactly the tokens they get without drafting (the model's argmax at every
 position). Sampled requests (``temperature > 0``) use rejection sampling against the draft,
@@ -22,7 +22,6 @@ draws its random numbers differently, so its text differs from the text without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +31,6 @@ from mlsyskit.engine.sampling import SamplingParams, filter_logits
 from mlsyskit.errors import UserError
 
 if TYPE_CHECKING:
-    from mlsyskit.engine.block_manager import BlockManager
     from mlsyskit.engine.sequence import Sequence
 
 SPECULATIVE = ("ngram",)
@@ -138,13 +136,3 @@ def accept(logits: Tensor, draft: list[int], params: SamplingParams, generator: 
     out.append(int(torch.multinomial(p, 1, generator=generator)))
     return out
 
-
-def release_tail(bm: BlockManager | None, seq: Sequence, num_tokens: int) -> None:
-    """Give back ``seq``'s blocks past the first ``num_tokens`` tokens (those held only the KV
-    of rejected draft positions)."""
-    if bm is None:
-        return
-    keep = bm.blocks_needed(num_tokens)
-    if len(seq.block_table) > keep:
-        bm.free_seq(SimpleNamespace(block_table=seq.block_table[keep:], num_computed=0))
-        seq.block_table = seq.block_table[:keep]
