@@ -19,14 +19,6 @@ from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import fake_quantize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(arch: str = "llama", n_kv_heads: int = 4, seed: int = 0) -> Transformer:
     """A 2-block random model with distinct norm weights/biases and a few outlier input
     channels (large norm weights), the situation AWQ is made for."""

@@ -18,14 +18,6 @@ from mlsyskit.quant.linear import QuantLinear, WeightOnlyConfig, quantize_
 from mlsyskit.quant.scheme import QuantScheme
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, tied: bool = False, outliers: bool = True) -> Transformer:
     """A 2-block Llama with sharp predictions (a scaled-up head) and, with ``outliers``, two
     input channels of every qkv and gate_up 30x larger than the rest."""

@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 
 from mlsyskit.errors import UserError
 from mlsyskit.quant.diagnostics import layer_error_report
@@ -18,14 +17,6 @@ from mlsyskit.quant.scheme import QuantScheme
 from .test_diagnostics import sample, tiny_model
 
 LOW = QuantScheme(bits=3, granularity="group", group_size=32, symmetric=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_layer_errors_are_the_error_reports_per_layer_rows() -> None:
