@@ -17,19 +17,22 @@ quantized like the output projection and serves both (rows dequantized on lookup
 llama.cpp's token_embd does, so file sizes compare directly. A check compares our
 perplexity of llama.cpp's Q4_K_M file with llama.cpp's own on a small text (goal: within 0.5 %).
 
-Stages (each caches its JSON in --cache, so a stage can be rerun alone):
+Stages (each caches its JSON in --cache, so a stage can be rerun alone; --rows REGEX limits
+prepare, score and decode to the rows it matches, and their results merge with the cached ones):
 
   prepare  F32 GGUF, llama.cpp's files, our quantized directories (calibration: 16 windows of
            256 tokens of the first 90 % of Tiny Shakespeare)             [no timing]
   score    perplexity, bits per weight, file size of every row; llama.cpp's own perplexity
   decode   per row, a fresh process loads the model in the engine, decodes --decode-tokens
            tokens at batch 1 (greedy, 1 thread) and reports tok/s and its peak RSS
-           [timed: run under flock -x /tmp/quiet.lock]
+           [timed: run alone on the machine, e.g. under flock -x /tmp/quiet.lock; split with
+           --rows to keep each exclusive run short]
   report   benchmarks/results/quant_report.json + .png (bits/perplexity frontier), the table
 
     .venv/bin/python benchmarks/quant_report.py --stage prepare
     .venv/bin/python benchmarks/quant_report.py --stage score
-    flock -x /tmp/quiet.lock .venv/bin/python benchmarks/quant_report.py --stage decode
+    flock -x /tmp/quiet.lock .venv/bin/python benchmarks/quant_report.py --stage decode --rows '^(fp32|int8|int4)'
+    flock -x /tmp/quiet.lock .venv/bin/python benchmarks/quant_report.py --stage decode --rows '^(int3|llama)'
     .venv/bin/python benchmarks/quant_report.py --stage report
 """
 
@@ -42,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -88,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (default: 4096)")
     p.add_argument("--check-tokens", type=int, default=1024, help="tokens of the llama.cpp scoring check (default: 1024)")
     p.add_argument("--decode-tokens", type=int, default=48, help="new tokens per decode measurement (default: 48)")
+    p.add_argument("--rows", default=None, metavar="REGEX", help="prepare/score/decode only the rows whose name matches (re.search, case-insensitive); the others keep their cached results (default: every row)")
     p.add_argument("--jobs", type=int, default=2, help="rows scored at once (default: 2)")
     p.add_argument("--out", default=str(common.RESULTS / "quant_report.json"), help="JSON output; the PNG goes beside it")
     p.add_argument("--child-decode", default=None, help=argparse.SUPPRESS)
@@ -112,11 +117,17 @@ def _embedded_text() -> str:
     return default_calibration_text()
 
 
-def rows(cache: Path) -> dict[str, Path]:
-    """Every row's model path (ours: directories; llama.cpp: GGUF files)."""
+def selected(args: argparse.Namespace, name: str) -> bool:
+    """Whether --rows selects the row ``name``."""
+    return args.rows is None or re.search(args.rows, name, re.IGNORECASE) is not None
+
+
+def rows(cache: Path, args: argparse.Namespace | None = None) -> dict[str, Path]:
+    """Every row's model path (ours: directories; llama.cpp: GGUF files) prepared so far; with
+    ``args``, only those --rows selects."""
     out = {name: cache / ("f32.gguf" if flags is None else slug(name)) for name, flags in OURS.items()}
     out.update({f"llama.cpp {t}": cache / f"llama-{t}.gguf" for t in LLAMA_TYPES})
-    return {name: path for name, path in out.items() if path.exists()}  # rows prepared so far
+    return {n: p for n, p in out.items() if p.exists() and (args is None or selected(args, n))}
 
 
 def prepare(args: argparse.Namespace, cache: Path) -> None:
@@ -128,13 +139,13 @@ def prepare(args: argparse.Namespace, cache: Path) -> None:
         subprocess.run([*MLSYSKIT, "export-gguf", "--dtype", "f32", "--out", str(f32)], check=True)
     for t in LLAMA_TYPES:
         out = cache / f"llama-{t}.gguf"
-        if not out.exists():
+        if not out.exists() and selected(args, f"llama.cpp {t}"):
             t0 = time.perf_counter()
             quantize(f32, out, t, threads=1)
             (cache / f"llama-{t}.seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     for name, flags in OURS.items():
         out = cache / slug(name)
-        if flags is None or out.exists():
+        if flags is None or out.exists() or not selected(args, name):
             continue
         extra = ["--calib", str(calib)] if "--calib-windows" in flags else ["--threads", "1"]
         log(f"quantize {name}")
@@ -154,7 +165,8 @@ def score(args: argparse.Namespace, cache: Path) -> None:
         return name, res
 
     done = json.loads((cache / "score.json").read_text()) if (cache / "score.json").exists() else {"rows": {}}
-    todo = {n: p for n, p in rows(cache).items() if n not in done["rows"]}  # rows scored before are kept
+    # rows scored before are kept unless --rows names them again
+    todo = {n: p for n, p in rows(cache, args).items() if n not in done["rows"] or args.rows is not None}
     with ThreadPoolExecutor(args.jobs) as pool:
         done["rows"].update(pool.map(one, todo.items()))
     if "llama_cpp_check" not in done:
@@ -200,14 +212,21 @@ def llama_cpp_check(args: argparse.Namespace, path: Path, held: Path) -> dict[st
 
 
 def decode(args: argparse.Namespace, cache: Path) -> None:
-    out: dict[str, Any] = {"load_average_1min_start": common.loadavg()}
-    for name, path in rows(cache).items():
+    """Decode speed and peak RSS of the rows --rows selects, merged into decode.json (so one
+    exclusive run can be split into several), each part with its load averages."""
+    path_json = cache / "decode.json"
+    out: dict[str, Any] = json.loads(path_json.read_text()) if path_json.exists() else {"rows": {}, "parts": []}
+    part: dict[str, Any] = {"rows": [], "load_average_1min_start": common.loadavg(), "cpu_model": common.cpu_model()}
+    for name, path in rows(cache, args).items():
         r = subprocess.run([sys.executable, __file__, "--stage", "decode", "--child-decode", str(path),
                             "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True, check=True)
-        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
-        log(f"{name:55s} {out[name]['decode_tok_s']:.1f} tok/s, peak RSS {out[name]['peak_rss_mib']:.0f} MiB")
-    out["load_average_1min_end"] = common.loadavg()
-    common.write_json(cache / "decode.json", out)
+        out["rows"][name] = json.loads(r.stdout.strip().splitlines()[-1])
+        part["rows"].append(name)
+        log(f"{name:55s} {out['rows'][name]['decode_tok_s']:.1f} tok/s, peak RSS {out['rows'][name]['peak_rss_mib']:.0f} MiB")
+        common.write_json(path_json, {**out, "parts": [*out["parts"], {**part, "load_average_1min_end": common.loadavg()}]})
+    part["load_average_1min_end"] = common.loadavg()
+    out["parts"].append(part)
+    common.write_json(path_json, out)
 
 
 def child_decode(path: str, tokens: int) -> None:
@@ -229,13 +248,13 @@ def child_decode(path: str, tokens: int) -> None:
 
 def report(args: argparse.Namespace, cache: Path) -> None:
     sc = json.loads((cache / "score.json").read_text())
-    dec = json.loads((cache / "decode.json").read_text()) if (cache / "decode.json").exists() else {}
+    dec = json.loads((cache / "decode.json").read_text()) if (cache / "decode.json").exists() else {"rows": {}, "parts": []}
     table = []
     for name in rows(cache):
         if name not in sc["rows"]:
             continue
         s = sc["rows"][name]
-        d = dec.get(name, {})
+        d = dec["rows"].get(name, {})
         table.append({
             "name": name, "family": "llama.cpp" if name.startswith("llama.cpp") else "ours",
             "recipe": OURS.get(name) if not name.startswith("llama.cpp") else f"llama_model_quantize {name.split()[-1]}",
@@ -252,7 +271,8 @@ def report(args: argparse.Namespace, cache: Path) -> None:
         "run": common.run_stamp(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs",
         "cpu_model": common.cpu_model(),
-        "load_average_1min": {"score": sc.get("load_average_1min"), "decode_start": dec.get("load_average_1min_start"), "decode_end": dec.get("load_average_1min_end")},
+        "load_average_1min": {"score": sc.get("load_average_1min"),
+                              "decode_parts": [{k: p[k] for k in ("load_average_1min_start", "load_average_1min_end")} for p in dec["parts"]]},
         "reference": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded) dequantized, written as F32 GGUF",
         "heldout": {"text": "last 10 % of Tiny Shakespeare", "tokens": args.eval_tokens, "window": 512},
         "rows": table,

@@ -63,12 +63,13 @@ def test_quantize_perplexity_generate(awq_dir: Path, tiny_llama_dir: Path, sampl
         (["quantize", "--act-order"], "only used by --method gptq or awq-gptq"),
         (["quantize", "--out", "{tmp}"], "already exists"),
         (["quantize", "--method", "gptq2"], "invalid choice: 'gptq2'"),
+        (["quantize", "--preset", "q3", "--budget", "9"], "--preset q3 sets --budget"),
         (["perplexity", "--text", "{tmp}/missing.txt"], "does not exist"),
         (["perplexity", "--stride", "600"], "stride must be in [1, window=512]"),
         (["perplexity", "--quantization", "int5"], "unknown quantization"),
     ],
     ids=["bits-5", "group-not-dividing", "group-0", "missing-calib", "calib-without-awq",
-         "act-order-without-gptq", "out-exists", "bad-method", "missing-text", "bad-stride", "bad-spec"],
+         "act-order-without-gptq", "out-exists", "bad-method", "preset-overridden", "missing-text", "bad-stride", "bad-spec"],
 )
 def test_bad_configs_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path, tiny_llama_dir: Path, sample_text_file: Path, capsys: pytest.CaptureFixture) -> None:
     # In-process (main() is what the console script runs): a subprocess each would cost seconds.

@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_progress_flag(q, "the layers during AWQ")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: off)")
     q.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
-    q.set_defaults(func=_quantize)
+    # the defaults of the flags a preset sets: a preset refuses any of them given another value
+    q.set_defaults(func=_quantize, preset_defaults={k: q.get_default(k) for v in PRESETS.values() for k in v[1]})
 
     p = sub.add_parser(
         "perplexity",
@@ -126,6 +127,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
     if args.preset is not None:
         for k, v in PRESETS[args.preset][1].items():
+            if getattr(args, k) not in (args.preset_defaults[k], v):
+                flag = "--" + k.replace("_", "-")
+                raise UserError(f"--preset {args.preset} sets {flag} {v}; leave out {flag} or --preset")
             setattr(args, k, v)
 
     config = _weight_config(args)
