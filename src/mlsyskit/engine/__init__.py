@@ -11,6 +11,7 @@ from mlsyskit.lazy import lazy_exports
 _EXPORTS = {
     "LLM": "mlsyskit.engine.llm",
     "LLMEngine": "mlsyskit.engine.llm_engine",
+    "EngineSettings": "mlsyskit.engine.settings",
     "SamplingParams": "mlsyskit.engine.sampling",
     "RequestOutput": "mlsyskit.engine.outputs",
     "Checkpoint": "mlsyskit.engine.llm",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -13,6 +14,7 @@ from mlsyskit.engine.kv_tiers import check_options
 from mlsyskit.engine.llm_engine import LLMEngine
 from mlsyskit.engine.outputs import RequestOutput
 from mlsyskit.engine.sampling import SamplingParams
+from mlsyskit.engine.settings import EngineSettings
 from mlsyskit.engine.worker import start_parallel, wait_ready
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint, default_model_path
@@ -62,44 +64,27 @@ class LLM:
     through shared memory (spawned ranks; torchrun ranks use gloo), ``"gloo"`` over sockets.
     ``close()`` (or ``with LLM(...)``, or garbage collection)
     stops the workers.
+
+    Every option but the model and the parallel layout is a field of
+    :class:`~mlsyskit.engine.settings.EngineSettings` (its defaults are the engine's), given by
+    keyword or as one ``settings=`` record that keywords then override.
     """
 
     def __init__(
         self,
         model: str | Path | Checkpoint | None = None,
         *,
-        kv_cache: bool = True,
-        batching: str = "continuous",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        max_num_batched_tokens: int = 512,
-        max_prefill_tokens: int = 16384,
-        max_num_seqs: int = 64,
-        prefix_caching: bool = True,
-        paged: bool = True,
-        max_model_len: int | None = None,
-        dtype: torch.dtype | str | None = None,
-        quantization: str | None = None,
-        kv_dtype: torch.dtype | str | None = None,
-        kv_offload: str | None = None,
-        kv_offload_gib: float = 4.0,
-        kv_disk_gib: float = 16.0,
-        kv_offload_dir: str | Path | None = None,
-        preemption: str = "auto",
-        kv_tier_prefix: bool = True,
-        kv_prefetch: bool = True,
-        speculative: str | None = None,
-        num_speculative_tokens: int = 4,
-        ngram_max: int = 3,
-        ngram_min: int = 1,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         parallel_timeout: float = 60.0,
         parallel_allreduce: str = "shm",
+        settings: EngineSettings | None = None,
+        **options: Any,
     ) -> None:
-        check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)  # before the load
-        native = dtype in (None, "auto") and quantization is None
-        dtype = _dtype(dtype)
+        s = EngineSettings.build(settings, who="LLM", **options)
+        check_options(s.kv_offload, s.kv_offload_gib, s.kv_disk_gib, s.kv_offload_dir, s.preemption, s.kv_cache)  # before the load
+        native = s.dtype in (None, "auto") and s.quantization is None
+        s = s.resolved()
         if isinstance(model, Checkpoint):
             ckpt = model
         else:
@@ -107,40 +92,14 @@ class LLM:
             if native and not kernels.available() and ckpt.source.endswith(".gguf"):
                 kernels.warn_unavailable("GGUF weights are dequantized to float32 on load")
         self.checkpoint = ckpt
-        settings = dict(
-            kv_cache=kv_cache,
-            batching=batching,
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_prefill_tokens=max_prefill_tokens,
-            max_num_seqs=max_num_seqs,
-            prefix_caching=prefix_caching,
-            paged=paged,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            quantization=quantization,
-            kv_dtype=None if kv_dtype is None else _dtype(kv_dtype),
-            kv_offload=kv_offload,
-            kv_offload_gib=kv_offload_gib,
-            kv_disk_gib=kv_disk_gib,
-            kv_offload_dir=kv_offload_dir,
-            preemption=preemption,
-            kv_tier_prefix=kv_tier_prefix,
-            kv_prefetch=kv_prefetch,
-            speculative=speculative,
-            num_speculative_tokens=num_speculative_tokens,
-            ngram_max=ngram_max,
-            ngram_min=ngram_min,
-        )
         # ranks > 1: spawn the workers first, so they load while this process does
         self._parallel = start_parallel(
-            ckpt, native and kernels.available(), tensor_parallel_size, pipeline_parallel_size, settings,
-            pickle_checkpoint=isinstance(model, Checkpoint), timeout=parallel_timeout, quantization=quantization,
+            ckpt, native and kernels.available(), tensor_parallel_size, pipeline_parallel_size, s,
+            pickle_checkpoint=isinstance(model, Checkpoint), timeout=parallel_timeout,
             allreduce=parallel_allreduce,
         )
         try:
-            self.engine = LLMEngine(ckpt, **settings, parallel=self._parallel)
+            self.engine = LLMEngine(ckpt, s, parallel=self._parallel)
             if self._parallel is not None:
                 wait_ready(self._parallel)
         except BaseException:
@@ -225,18 +184,6 @@ class LLM:
         """Token ids of a conversation rendered with the chat template, ready for the reply."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_bos=False)
-
-
-def _dtype(d: torch.dtype | str | None) -> torch.dtype:
-    """A dtype name as the CLI takes it; ``None``/``"auto"`` (native weights) computes in float32."""
-    if d is None or d == "auto":
-        return torch.float32
-    if isinstance(d, torch.dtype):
-        return d
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if d not in table:
-        raise UserError(f"unknown dtype {d!r}; use float32, bfloat16 or auto (native GGUF blocks)")
-    return table[d]
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

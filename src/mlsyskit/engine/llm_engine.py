@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +22,7 @@ from mlsyskit.engine.parallel import Group, ParallelRunner, wrap_tensor_parallel
 from mlsyskit.engine.sampling import SamplingParams
 from mlsyskit.engine.scheduler import BATCHING, Scheduler
 from mlsyskit.engine.sequence import Sequence, Status
+from mlsyskit.engine.settings import EngineSettings
 from mlsyskit.engine.speculative import make_proposer
 from mlsyskit.errors import UserError
 from mlsyskit.models.tokenizer import IncrementalDecoder
@@ -49,53 +49,34 @@ class LLMEngine:
     def __init__(
         self,
         checkpoint: Checkpoint,
+        settings: EngineSettings | None = None,
         *,
-        kv_cache: bool = True,
-        batching: str = "continuous",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        max_num_batched_tokens: int = 512,
-        max_prefill_tokens: int = 16384,
-        max_num_seqs: int = 64,
-        prefix_caching: bool = True,
-        paged: bool = True,
-        max_model_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        quantization: str | None = None,
-        kv_dtype: torch.dtype | None = None,
         parallel: Group | None = None,
-        kv_offload: str | None = None,
-        kv_offload_gib: float = 4.0,
-        kv_disk_gib: float = 16.0,
-        kv_offload_dir: str | Path | None = None,
-        preemption: str = "auto",
-        kv_tier_prefix: bool = True,
-        speculative: str | None = None,
-        num_speculative_tokens: int = 4,
-        ngram_max: int = 3,
-        ngram_min: int = 1,
-        kv_prefetch: bool = True,
+        **options: Any,
     ) -> None:
-        if batching not in BATCHING:
-            raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
-        check_options(kv_offload, kv_offload_gib, kv_disk_gib, kv_offload_dir, preemption, kv_cache)
+        """``settings`` (default: :class:`EngineSettings`'s defaults) with any of its fields
+        replaced by keyword (``LLMEngine(ckpt, max_num_seqs=8)``); ``parallel``: this rank's group."""
+        s = EngineSettings.build(settings, **options).resolved()
+        if s.batching not in BATCHING:
+            raise UserError(f"unknown batching {s.batching!r}; use one of {', '.join(BATCHING)}")
+        check_options(s.kv_offload, s.kv_offload_gib, s.kv_disk_gib, s.kv_offload_dir, s.preemption, s.kv_cache)
         cfg = checkpoint.config
         self.config = cfg
         self.tokenizer = checkpoint.tokenizer
-        self.max_model_len = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
-        if not paged:  # one contiguous region per sequence: a "block" is a whole context
-            block_size, prefix_caching = self.max_model_len, False
-        for name, v in (("block_size", block_size), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("max_prefill_tokens", max_prefill_tokens), ("max_num_seqs", max_num_seqs)):
+        self.max_model_len = min(s.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        if not s.paged:  # one contiguous region per sequence: a "block" is a whole context
+            s = dataclasses.replace(s, block_size=self.max_model_len, prefix_caching=False)
+        for name, v in (("block_size", s.block_size), ("max_num_batched_tokens", s.max_num_batched_tokens),
+                        ("max_prefill_tokens", s.max_prefill_tokens), ("max_num_seqs", s.max_num_seqs)):
             if v < 1:
                 raise UserError(f"{name} must be positive, got {v}")
         mcfg, weights = cfg, checkpoint.state_dict
         if parallel is not None:  # this rank's shard: its layers; with TP its heads and MLP columns
             mcfg, weights = parallel.placement.shard(cfg, weights)
-        self.model = build_transformer(mcfg, weights, dtype, quantized_linear=quantized_linear)
+        self.model = build_transformer(mcfg, weights, s.dtype, quantized_linear=quantized_linear)
         if parallel is not None:
             wrap_tensor_parallel(self.model, parallel)
-        if quantization is not None:
+        if s.quantization is not None:
             from mlsyskit.quant.linear import parse_quantization, quantize_
 
             if any(isinstance(m, (QuantLinear, BlockLinear)) for m in self.model.modules()):
@@ -104,53 +85,54 @@ class LLMEngine:
                     f"{checkpoint.source} is already quantized; leave out --quantization "
                     "(quantization=) or quantize the original model"
                 )
-            quantize_(self.model, parse_quantization(quantization))
+            quantize_(self.model, parse_quantization(s.quantization))
         # quantized layers: dense prefill GEMMs in bf16 where the CPU has it (AMX / AVX-512 BF16)
         set_prefill_dtype(self.model, torch.bfloat16 if kernels.native_bf16() else torch.float32)
         if isinstance(getattr(self.model, "lm_head", None), torch.nn.Module):
             # logits stay float32: bf16 outputs (0.125 apart near 25) made exact ties of near ones
             set_prefill_dtype(self.model.lm_head, torch.float32)
         keep_freed_memory()  # dense prefill weights, logits: reuse freed memory, no page faults
-        if kv_dtype is None:  # quantized models keep their KV in fp16, as llama.cpp does
+        if s.kv_dtype is None:  # quantized models keep their KV in fp16, as llama.cpp does
             quantized = any(getattr(m, "_qw", None) is not None for m in self.model.modules())
-            kv_dtype = torch.float16 if quantized and dtype == torch.float32 else dtype
-        self.kv_dtype = kv_dtype
+            s = dataclasses.replace(s, kv_dtype=torch.float16 if quantized and s.dtype == torch.float32 else s.dtype)
+        self.kv_dtype = s.kv_dtype
         self.kv_cache = None
         self.block_manager = None
         self.kv_tiers: KVTiers | None = None
         swap_policy = None
-        if kv_cache:
-            per_block = PagedKVCache.bytes_per_block(cfg.n_layers, block_size, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
-            if num_kv_blocks is None:
-                full = -(-self.max_model_len // block_size)
-                want = max_num_seqs * full
-                num_kv_blocks = max(full, min(want, DEFAULT_KV_BYTES // per_block))
-            if num_kv_blocks < 1:
-                raise UserError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
+        if s.kv_cache:
+            per_block = PagedKVCache.bytes_per_block(cfg.n_layers, s.block_size, cfg.n_kv_heads, cfg.head_dim, s.kv_dtype)
+            if s.num_kv_blocks is None:
+                full = -(-self.max_model_len // s.block_size)
+                want = s.max_num_seqs * full
+                s = dataclasses.replace(s, num_kv_blocks=max(full, min(want, DEFAULT_KV_BYTES // per_block)))
+            if s.num_kv_blocks < 1:
+                raise UserError(f"num_kv_blocks must be positive, got {s.num_kv_blocks}")
             # the same block count on every rank; each holds its layers' and KV heads' part
-            self.kv_cache = PagedKVCache(mcfg.n_layers, num_kv_blocks, block_size, mcfg.n_kv_heads, cfg.head_dim, kv_dtype)
-            if kv_offload is not None:
+            self.kv_cache = PagedKVCache(mcfg.n_layers, s.num_kv_blocks, s.block_size, mcfg.n_kv_heads, cfg.head_dim, s.kv_dtype)
+            if s.kv_offload is not None:
                 identity = model_identity(checkpoint.source, cfg.to_dict(), {
-                    "file_type": checkpoint.file_type, "dtype": str(dtype), "kv_dtype": str(kv_dtype),
-                    "quantization": quantization, "block_size": block_size,
+                    "file_type": checkpoint.file_type, "dtype": str(s.dtype), "kv_dtype": str(s.kv_dtype),
+                    "quantization": s.quantization, "block_size": s.block_size,
                 })
                 self.kv_tiers = KVTiers(
-                    self.kv_cache.k, self.kv_cache.v, host_bytes=kv_offload_gib * 2**30, identity=identity,
-                    block_size=block_size, disk_dir=kv_offload_dir if kv_offload == "disk" else None,
-                    disk_bytes=kv_disk_gib * 2**30, prefix=kv_tier_prefix and prefix_caching,
-                    prefetch=kv_prefetch,
+                    self.kv_cache.k, self.kv_cache.v, host_bytes=s.kv_offload_gib * 2**30, identity=identity,
+                    block_size=s.block_size, disk_dir=s.kv_offload_dir if s.kv_offload == "disk" else None,
+                    disk_bytes=s.kv_disk_gib * 2**30, prefix=s.kv_tier_prefix and s.prefix_caching,
+                    prefetch=s.kv_prefetch,
                 )
-                if preemption != "recompute":
-                    swap_policy = SwapPolicy(preemption, per_block / block_size, measure_copy_bandwidth())
-            self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching, self.kv_tiers)
+                if s.preemption != "recompute":
+                    swap_policy = SwapPolicy(s.preemption, per_block / s.block_size, measure_copy_bandwidth())
+            self.block_manager = BlockManager(s.num_kv_blocks, s.block_size, s.prefix_caching, self.kv_tiers)
         # speculative decoding (prompt lookup): checked before the model is built
-        self.proposer = make_proposer(speculative, num_speculative_tokens, ngram_max, ngram_min)
-        if self.proposer is not None and (parallel is not None or not kv_cache):
+        self.proposer = make_proposer(s.speculative, s.num_speculative_tokens, s.ngram_max, s.ngram_min)
+        if self.proposer is not None and (parallel is not None or not s.kv_cache):
             raise UserError("speculative decoding needs the KV cache and one process "
                             "(not kv_cache=False, tensor or pipeline parallel)")
+        self.settings = s  # as built: dtypes resolved, block count and KV dtype filled in
         self.scheduler = Scheduler(
-            self.block_manager, batching=batching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
+            self.block_manager, batching=s.batching, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens, max_prefill_tokens=s.max_prefill_tokens,
             swap_policy=swap_policy, proposer=self.proposer, max_model_len=self.max_model_len,
         )
         if parallel is not None:

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from mlsyskit.engine.llm_engine import LLMEngine
 from mlsyskit.engine.parallel import ALLREDUCE, Group, Placement, SharedSum, WorkerError
+from mlsyskit.engine.settings import EngineSettings
 from mlsyskit.errors import UserError
 from mlsyskit.models.checkpoint import Checkpoint
 from mlsyskit.quant.model_io import load_checkpoint
@@ -45,7 +46,7 @@ def torchrun_env() -> tuple[int, int] | None:
 
 
 def launch(
-    checkpoint: Checkpoint, native: bool, placement: Placement, settings: dict[str, Any], *,
+    checkpoint: Checkpoint, native: bool, placement: Placement, settings: EngineSettings, *,
     pickle_checkpoint: bool, timeout: float, allreduce: str = "shm",
 ) -> Group:
     """Rank 0's :class:`Group` with its workers started (spawned, or already there under
@@ -129,10 +130,10 @@ def _stop(procs: list[Any]) -> None:
         proc.join(2.0)
 
 
-def _serve(group: Group, checkpoint: Checkpoint, settings: dict[str, Any]) -> None:
+def _serve(group: Group, checkpoint: Checkpoint, settings: EngineSettings) -> None:
     """Build this rank's shard, say so, and serve steps until rank 0 stops."""
     try:
-        engine = LLMEngine(checkpoint, **settings, parallel=group)
+        engine = LLMEngine(checkpoint, settings, parallel=group)
     except BaseException as e:
         group.store.set(f"error{group.placement.rank}", (str(e).splitlines() or [type(e).__name__])[0])
         raise
@@ -145,7 +146,7 @@ def _serve(group: Group, checkpoint: Checkpoint, settings: dict[str, Any]) -> No
 
 def worker_main(
     port: int, placement: Placement, timeout: float, source: str | None, native: bool,
-    checkpoint: Checkpoint | None, settings: dict[str, Any], threads: int, shm: tuple[Any, Any] | None = None,
+    checkpoint: Checkpoint | None, settings: EngineSettings, threads: int, shm: tuple[Any, Any] | None = None,
 ) -> None:
     """A spawned worker process."""
     torch.set_num_threads(threads)
@@ -166,17 +167,17 @@ def worker_main(
 
 def start_parallel(
     checkpoint: Checkpoint, native: bool, tensor_parallel_size: int, pipeline_parallel_size: int,
-    settings: dict[str, Any], *, pickle_checkpoint: bool, timeout: float, quantization: str | None = None,
+    settings: EngineSettings, *, pickle_checkpoint: bool, timeout: float,
     allreduce: str = "shm",
 ) -> Group | None:
     """Check the split and start the ranks (None for a single process); see :func:`launch`."""
     placement = Placement(tensor_parallel_size, pipeline_parallel_size)
-    placement.check(checkpoint.config, checkpoint.state_dict, quantization)
+    placement.check(checkpoint.config, checkpoint.state_dict, settings.quantization)
     if placement.world == 1:
         return None
-    if not settings.get("kv_cache", True):
+    if not settings.kv_cache:
         raise UserError("parallel inference needs the KV cache (leave kv_cache=True)")
-    if settings.get("kv_offload") is not None:
+    if settings.kv_offload is not None:
         raise UserError("KV offload tiers are not supported with tensor/pipeline parallel inference")
     if timeout <= 0:
         raise UserError(f"parallel_timeout must be positive, got {timeout}")

@@ -60,7 +60,6 @@ def build_service(args: argparse.Namespace) -> tuple[Any, float]:
     t0 = time.perf_counter()
     from mlsyskit.engine import LLMEngine, load_checkpoint
     from mlsyskit.engine.cli import kv_tier_kwargs, speculative_kwargs
-    from mlsyskit.engine.llm import _dtype
     from mlsyskit.serve.service import EngineService
 
     ckpt = load_checkpoint(args.model)
@@ -69,7 +68,7 @@ def build_service(args: argparse.Namespace) -> tuple[Any, float]:
         max_num_seqs=args.max_num_seqs,
         num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len,
-        dtype=_dtype(args.dtype),
+        dtype=args.dtype,
         quantization=args.quantization,
         **kv_tier_kwargs(args),
         **speculative_kwargs(args),
