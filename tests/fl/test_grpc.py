@@ -1,10 +1,13 @@
 """Federated learning across real processes over gRPC on 127.0.0.1: server, clients, faults, TLS.
 
-Every test starts `python -m mlsyskit fl server` and `fl client` processes for real (ephemeral
-ports), with a tiny model (logreg, trained by the sequential client path: no vmap warm-up) on a
-few clients for one to three rounds, and deadlines of a few seconds where a test waits for one.
-Clients whose point is not a process of their own share one (`fl client --client-id 0-4`: a
-thread and a gRPC session each), which saves a torch import per client.
+Every test starts `python -m mlsyskit fl server` and `fl client` processes for real (free
+loopback ports), with a tiny model (logreg, trained by the sequential client path: no vmap
+warm-up) on a few clients for one to three rounds, and deadlines of a few seconds where a test
+waits for one. A process costs seconds (python + torch import), so: clients start with their
+server, not after it (they retry until it listens); clients whose point is not a process of
+their own share one (`fl client --client-id 0-4`: a thread and a gRPC session each); a client
+that only needs the client code over the real network runs in this process; and the in-process
+simulation a deployment is compared with runs while the processes start.
 """
 
 import datetime
@@ -42,20 +45,33 @@ def _mlsyskit(*args, log=None, **kw):
                             stderr=log if log is not None else subprocess.PIPE, text=True, **kw)
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
-    def __init__(self, tmp_path, *flags):
-        self.port_file = tmp_path / "port"
+    """`fl server` on a free port; returns at once (clients retry until it listens)."""
+
+    def __init__(self, tmp_path, *flags, address=None, name="server"):
+        self.address = address or f"127.0.0.1:{_free_port()}"
+        self.port_file = tmp_path / f"{name}.port"
         self.out = tmp_path / "run"
-        self.log_path = tmp_path / "server.log"
+        self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "w")
-        self.proc = _mlsyskit("fl", "server", "--address", "127.0.0.1:0", "--port-file", self.port_file,
+        self.proc = _mlsyskit("fl", "server", "--address", self.address, "--port-file", self.port_file,
                               "--out", self.out, "--no-progress", *flags, log=self.log)
+
+    def listening(self):
         deadline = time.monotonic() + WAIT_S
         while not (self.port_file.exists() and self.port_file.read_text().strip()):
-            assert self.proc.poll() is None, self.log_path.read_text()
+            assert self.proc.poll() is None, self.text()
             assert time.monotonic() < deadline, "server never listened"
-            time.sleep(0.1)
-        self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
+            time.sleep(0.05)
+        assert self.address.endswith(":" + self.port_file.read_text().strip())
 
     def text(self):
         return self.log_path.read_text()
@@ -73,7 +89,7 @@ class Server:
 
 def _client(server, k, data_dir, *flags):
     data = ["--data-dir", data_dir] if data_dir else []
-    return _mlsyskit("fl", "client", "--server", server.address, "--client-id", k, *data, *flags)
+    return _mlsyskit("fl", "client", "--server", server.address, "--client-id", k, "--connect-timeout", WAIT_S, *data, *flags)
 
 
 def _stop(*procs):
@@ -86,14 +102,18 @@ def _stop(*procs):
 def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
     flags = _run_flags(data_dir, clients=3, rounds=2)
     # clients 0 and 1 share a process, client 2 has its own
-    done = subprocess.run([sys.executable, "-m", "mlsyskit", "fl", "launch", *flags, "--out", tmp_path / "deployed", "--clients-per-process", "2",
-                           "--round-timeout", "120", "--no-progress"], capture_output=True, text=True, timeout=WAIT_S)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    launch = _mlsyskit("fl", "launch", *flags, "--out", tmp_path / "deployed", "--clients-per-process", "2",
+                       "--round-timeout", "120", "--no-progress")
+    try:  # the simulation in this process while the deployment's processes start
+        cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", client_exec="sequential", clients=3,
+                       fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / "sim"))
+        sim_summary = run(cfg, progress=False)
+        stdout, stderr = launch.communicate(timeout=WAIT_S)
+    finally:
+        _stop(launch)
+    assert launch.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
     deployed = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
-    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", client_exec="sequential", clients=3,
-                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / "sim"))
-    sim_summary = run(cfg, progress=False)
     simulated = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in deployed] == [1, 2]
     for d, s in zip(deployed, simulated, strict=True):
@@ -109,11 +129,11 @@ def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
     for f in ("config.json", "summary.json", "model.safetensors", "checkpoint.safetensors", "partition.json"):
         assert (tmp_path / "deployed" / f).stat().st_size > 0
     for k in range(3):  # each its own session, also the two of one process
-        assert f"fl client {k}: joined" in done.stderr and f"fl server: client {k} joined" in done.stderr
+        assert f"fl client {k}: joined" in stderr and f"fl server: client {k} joined" in stderr
 
 
 FAULTS = {1: "wrong-shape", 2: "garbage", 3: "nan", 4: "oversize"}
-KILLED, SLOW, DEADLINE = 5, 6, 8  # the others train logreg sequentially in well under a second, even loaded
+KILLED, SLOW, DEADLINE = 5, 6, 5  # the others train logreg sequentially in well under a second, even loaded
 
 
 @pytest.fixture(scope="module")
@@ -189,20 +209,19 @@ def test_tls_and_tokens_refuse_a_wrong_token_or_certificate(tmp_path, data_dir):
     tokens.write_text("# id token\n0 s3cret-zero\n")
     server = Server(tmp_path, *_run_flags(data_dir, clients=1), "--tls-cert", cert, "--tls-key", key, "--tokens", tokens,
                     "--round-timeout", 120)
-    # the refused clients run in this process (the client code of `fl client`, over real TLS)
+    server.listening()
+    # the clients run in this process (the client code of `fl client`, over real TLS)
     bad = ClientOptions(server=server.address, client_id=0, tls_ca=str(cert), token="guess", connect_timeout=20)
     with pytest.raises(UserError, match="refused this client"):
         run_client(bad)
     with pytest.raises(UserError, match="TLS"):
         run_client(ClientOptions(server=server.address, client_id=0, tls_ca=str(other_ca), token="s3cret-zero", connect_timeout=20))
-    good = _client(server, 0, data_dir, "--tls-ca", cert, "--token", "s3cret-zero")
+    good = ClientOptions(server=server.address, client_id=0, data_dir=str(data_dir) if data_dir else None, tls_ca=str(cert),
+                         token="s3cret-zero", connect_timeout=20)
     try:
-        rows = server.wait()
-        out, err = good.communicate(timeout=WAIT_S)
+        assert run_client(good) == {"client_id": 0, "rounds": 1}
     finally:
-        _stop(good)
-    assert good.returncode == 0, err
-    assert json.loads(out.strip().splitlines()[-1]) == {"client_id": 0, "rounds": 1}
+        rows = server.wait()
     assert rows[0]["clients"] == 1 and rows[0]["test_accuracy"] > 0.5
     assert "refused client 0" in server.text() and "wrong or missing token" in server.text()
 
@@ -230,39 +249,33 @@ def test_wire_decoding_rejects_what_is_not_the_model():
     assert os.environ.get("OMP_NUM_THREADS") == "1"  # conftest: one thread per process
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_killed_server_resumes_and_clients_reconnect_with_int8_updates(tmp_path, data_dir):
-    address = f"127.0.0.1:{_free_port()}"
-    flags = [*_run_flags(data_dir, clients=2, rounds=3), "--compress", "int8", "--insecure", "--address", address, "--wait-for", "2", "--round-timeout", 120]
+    flags = [*_run_flags(data_dir, clients=2, rounds=3), "--compress", "int8", "--insecure", "--wait-for", "2", "--round-timeout", 120]
     first = Server(tmp_path, *flags)
-    clients = [_client(first, "0-1", data_dir, "--insecure", "--delay", "1", "--connect-timeout", WAIT_S)]  # both in one process
+    clients = [_client(first, "0-1", data_dir, "--insecure", "--delay", "0.5")]  # both in one process
     try:
         ckpt = first.out / "checkpoint.safetensors"
         deadline = time.monotonic() + WAIT_S
-        while not ckpt.exists():  # round 1 committed; round 2 is under way (clients delay 1 s)
+        while not ckpt.exists():  # round 1 committed; round 2 is under way (clients delay 0.5 s)
             assert first.proc.poll() is None and time.monotonic() < deadline, first.text()
             time.sleep(0.02)
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
         first.log.close()
-        (tmp_path / "port").unlink()
-        second = Server(tmp_path, "--resume", first.out, "--insecure", "--address", address, "--wait-for", "2", "--round-timeout", 120)
+        killed_at = len((first.out / "metrics.jsonl").read_text().splitlines())
+        assert killed_at < 3, "the run ended before the kill"
+        second = Server(tmp_path, "--resume", first.out, "--insecure", "--wait-for", "2", "--round-timeout", 120,
+                        address=first.address, name="resumed")
+        # the simulation in this process while the resumed server starts
+        cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", client_exec="sequential", clients=2,
+                       fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=3, compress="int8", out=str(tmp_path / "sim"))
+        run(cfg, progress=False)
         rows = second.wait()
         outs = [p.communicate(timeout=WAIT_S) for p in clients]
     finally:
         _stop(*clients)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(p.returncode == 0 for p in clients), outs
-    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", client_exec="sequential", clients=2,
-                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=3, compress="int8", out=str(tmp_path / "sim"))
-    run(cfg, progress=False)
     simulated = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
     for d, s in zip(rows, simulated, strict=True):  # the resumed deployment continues the same trajectory
         assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-3)
@@ -274,7 +287,7 @@ def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_
     # client 2 SIGKILLs itself after sharing its keys, before masking; client 3 right after
     # sending its masked update: the server unmasks the sum of 0, 1 and 3 from 0 and 1's shares
     server = Server(tmp_path, *_run_flags(data_dir, clients=4), "--secagg", "--secagg-threshold", "2", "--insecure",
-                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 6)
+                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 4)
     # clients 0 and 1 share a process (each its own keys and session)
     procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-before-mask"),
              _client(server, 3, data_dir, "--insecure", "--fault", "drop-after-mask")]
@@ -301,7 +314,7 @@ def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_
 
 def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     server = Server(tmp_path, *_run_flags(data_dir, clients=3), "--secagg", "--secagg-threshold", "3", "--insecure",
-                    "--wait-for", "3", "--round-timeout", 6, "--round-retries", "1")
+                    "--wait-for", "3", "--round-timeout", 4, "--round-retries", "1")
     procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-after-mask")]
     try:
         rc = server.proc.wait(timeout=WAIT_S)

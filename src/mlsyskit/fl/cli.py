@@ -219,11 +219,18 @@ def _collective(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    """A loopback port free now (the processes started next bind it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(args: argparse.Namespace) -> int:
     """A server and one client process per client id on this machine, over loopback."""
     import subprocess
-    import tempfile
-    import time
 
     _server_options(args, "127.0.0.1:0", None)  # check the flags before starting anything
     given, full = _config(args)
@@ -253,53 +260,49 @@ def _launch(args: argparse.Namespace) -> int:
         raise UserError("--ranks and --aggregation are for --transport torchdist")
     if args.clients_per_process < 1:
         raise UserError(f"--clients-per-process must be at least 1 (got {args.clients_per_process})")
-    with tempfile.TemporaryDirectory(prefix="mlsyskit-fl-") as tmp:
-        port_file = Path(tmp) / "port"
-        server = subprocess.Popen(
-            [*argv, "server", "--insecure", "--address", "127.0.0.1:0", "--port-file", str(port_file),
-             "--min-clients", str(args.min_clients), "--round-timeout", str(args.round_timeout),
-             "--wait-for", str(args.wait_for or n),
-             "--join-timeout", str(args.join_timeout), "--round-retries", str(args.round_retries),
-             "--progress" if show_progress(args.progress) else "--no-progress", *flags]
-        )
-        clients: list[subprocess.Popen] = []
-        try:
-            while not port_file.exists() or not port_file.read_text().strip():
-                if server.poll() is not None:
-                    raise UserError(f"the server exited ({server.returncode}) before listening; see its error above")
-                time.sleep(0.1)
-            port = port_file.read_text().strip()
-            data = ["--data-dir", cfg.data_dir] if cfg.data_dir else []
-            threads = ["--threads", str(cfg.threads)] if cfg.threads else []
-            per = args.clients_per_process
-            for first in range(0, n, per):
-                ids = str(first) if per == 1 else f"{first}-{min(first + per, n) - 1}"
-                clients.append(subprocess.Popen(
-                    [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", ids, *data, *threads],
-                    stdout=subprocess.DEVNULL,
-                ))
-            rc = server.wait()
-        finally:
-            for p in [server, *clients]:
-                if p.poll() is None:
-                    try:
-                        p.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+    # The port is picked here, not by the server (--address :0 and a port file), so the client
+    # processes start with the server instead of after it: each pays its own python + torch
+    # import (seconds) while the server loads, and retries until it listens (--connect-timeout).
+    port = _free_port()
+    server = subprocess.Popen(
+        [*argv, "server", "--insecure", "--address", f"127.0.0.1:{port}",
+         "--min-clients", str(args.min_clients), "--round-timeout", str(args.round_timeout),
+         "--wait-for", str(args.wait_for or n),
+         "--join-timeout", str(args.join_timeout), "--round-retries", str(args.round_retries),
+         "--progress" if show_progress(args.progress) else "--no-progress", *flags]
+    )
+    clients: list[subprocess.Popen] = []
+    rc = 1
+    try:
+        data = ["--data-dir", cfg.data_dir] if cfg.data_dir else []
+        threads = ["--threads", str(cfg.threads)] if cfg.threads else []
+        per = args.clients_per_process
+        for first in range(0, n, per):
+            ids = str(first) if per == 1 else f"{first}-{min(first + per, n) - 1}"
+            clients.append(subprocess.Popen(
+                [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", ids, *data, *threads,
+                 "--connect-timeout", str(args.join_timeout)],
+                stdout=subprocess.DEVNULL,
+            ))
+        rc = server.wait()
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                try:  # told "done" by a server that finished; after a failed one nobody tells them
+                    p.wait(timeout=5 if rc == 0 else 0.1)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
     return rc
 
 
 def _launch_ranks(args: argparse.Namespace, argv: list[str], flags: list[str], world: int) -> int:
     """`fl collective` ranks 0..world-1 on this machine (torchrun's environment, gloo on loopback)."""
-    import socket
     import subprocess
 
     if world < 2:
         raise UserError(f"--ranks must be at least 2: the server and a client rank (got {world})")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs: list[subprocess.Popen] = []
     rc = 1
     try:

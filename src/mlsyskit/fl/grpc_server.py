@@ -105,6 +105,7 @@ class GrpcTransport:
         self.joined: dict[int, float] = {}
         self.ready: set[int] = set()  # clients that have polled for a task (their data is loaded)
         self.told_done: set[int] = set()
+        self.lagging: set[int] = set()  # missed the deadline of their last phase (dead or slow)
         self.server: grpc.Server | None = None
         self.fed: Federation | None = None
         self.global_w: torch.Tensor | None = None
@@ -225,6 +226,8 @@ class GrpcTransport:
                     break
                 self.cond.wait(left)
             self.task = None  # from now on an answer for this phase is late
+            answered = set(task.received) | set(task.malformed)
+            self.lagging = (self.lagging | (task.active - answered)) - answered
         return task
 
     def _too_few(self, rnd: int, what: str, need: int, retries: int) -> None:
@@ -297,9 +300,10 @@ class GrpcTransport:
         with self.cond:
             self.finished = True
             self.cond.notify_all()
-            # let connected clients hear "done" (they poll at once), then stop
+            # let connected clients hear "done" (they poll at once), then stop; not waiting for the
+            # ones that missed their last deadline: dead or slow, they would only hold up the end
             deadline = time.monotonic() + 3.0
-            while not set(self.joined) <= self.told_done and time.monotonic() < deadline:
+            while not set(self.joined) - self.lagging <= self.told_done and time.monotonic() < deadline:
                 self.cond.wait(0.1)
         if self.server is not None:
             self.server.stop(grace=1.0)
