@@ -13,7 +13,7 @@ import pytest
 
 from mlsyskit.cli import main
 
-from .conftest import ENGLISH, PERSIAN
+from .conftest import ENGLISH, PERSIAN, java_env
 
 
 def test_spark_ngram_end_to_end(corpus_dir: Path, tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_spark_ngram_end_to_end(corpus_dir: Path, tmp_path: Path) -> None:
     JAVA_HOME); the last line is the JSON summary; Spark's start-up noise stays off stderr."""
     held_out = tmp_path / "eval.txt"
     held_out.write_text("The cat sat on the log.\nمن به خانه می\u200cروم.\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "SPARK_HOME")}
+    env = java_env({k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "SPARK_HOME")})
     cmd = [sys.executable, "-m", "mlsyskit", "spark", "ngram", "--train", str(corpus_dir), "--order", "3",
            "--eval", str(held_out), "--lowercase", "--out", str(tmp_path / "out"), "--master", "local[1]",
            "--no-progress", "--samples", "1"]
@@ -85,7 +85,10 @@ def _listening_sockets(pids: set[int]) -> list[str]:
 def _children(pid: int) -> set[int]:
     out = {pid}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended since the listing
+            continue
         for c in children:
             out |= _children(int(c))
     return out
