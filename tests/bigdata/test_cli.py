@@ -116,5 +116,18 @@ def test_session_configuration(tmp_path: Path) -> None:
     assert "log4j2.configurationFile=file:" in local["spark.executor.extraJavaOptions"]
     remote = spark_conf("spark://10.0.0.7:7077", tmp_path)
     assert "spark.executor.extraJavaOptions" not in remote  # our log file is not on their disks
-    assert "spark.sql.shuffle.partitions" not in remote
+    assert "spark.sql.shuffle.partitions" not in remote and "spark.sql.files.openCostInBytes" not in remote
     assert (tmp_path / "log4j2.properties").read_text().count(str(tmp_path.resolve() / "spark.log")) == 1
+
+
+def test_local_read_splits_a_file_evenly(spark, tmp_path: Path) -> None:
+    """local[2] reads one text file as two halves (Spark's default 4 MB open cost per file
+    would make this 1.2 MB file one split, and a 4.3 MB one 97% + 3%)."""
+    from pyspark.sql import functions as F
+
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line {i:07d} of the corpus\n" for i in range(48_000)), encoding="utf-8")
+    df = spark.read.text(str(path))
+    sizes = [r["n"] for r in df.groupBy(F.spark_partition_id().alias("p")).agg(F.count("*").alias("n")).collect()]
+    assert len(sizes) == 2 and sum(sizes) == 48_000
+    assert max(sizes) / min(sizes) < 1.15, sizes  # the first split also carries the 64 KB open cost
