@@ -1,6 +1,9 @@
 """The torch.distributed transport: `fl launch --transport torchdist` starts real ranks (gloo on
 127.0.0.1); rank 0 runs the same round loop and follows the simulation's trajectory, with one
-weighted all_reduce for mean-based strategies and a gather for the rules that need every update."""
+weighted all_reduce for mean-based strategies and a gather for the rules that need every update.
+
+Clients train sequentially (no vmap warm-up in every rank), and the simulation a run is compared
+with runs in this process while the ranks start (each rank is a python + torch import)."""
 
 import json
 import subprocess
@@ -14,11 +17,26 @@ from mlsyskit.cli import main
 from mlsyskit.fl import FLConfig, collective, run
 
 FLAGS = ["--dataset", "mnist-5k", "--model", "logreg", "--clients", "3", "--fraction", "1", "--local-epochs", "1",
-         "--batch-size", "50", "--lr", "0.1", "--rounds", "2"]
+         "--batch-size", "50", "--lr", "0.1", "--rounds", "2", "--client-exec", "sequential"]
+WAIT_S = 240
 
 
-def _mlsyskit(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "mlsyskit", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+class Launched:
+    """`mlsyskit ...` started now; `done()` waits for it (stdout and stderr as text, returncode)."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlsyskit", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def done(self):
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=WAIT_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        self.returncode = self.proc.returncode
+        return self
 
 
 def _rows(path):
@@ -26,8 +44,8 @@ def _rows(path):
 
 
 def _simulate(tmp_path, data_dir, name, **kw):
-    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=3,
-                   fraction=1.0, local_epochs=1, batch_size=50, lr=0.1, rounds=2, out=str(tmp_path / name), **kw)
+    cfg = FLConfig(dataset="mnist-5k", data_dir=str(data_dir) if data_dir else None, model="logreg", clients=3, fraction=1.0,
+                   local_epochs=1, batch_size=50, lr=0.1, rounds=2, client_exec="sequential", out=str(tmp_path / name), **kw)
     return run(cfg, progress=False), _rows(tmp_path / name)
 
 
@@ -36,12 +54,13 @@ def test_all_reduce_follows_the_simulation_and_ranks_reject_their_own_bad_update
     # 3 clients on 2 client ranks (one rank trains two); one client is malicious and sends NaN,
     # which its own rank finds and reports with weight 0; FedAvgM keeps server state across rounds
     bad = ["--malicious", "1", "--attack", "nan", "--strategy", "fedavgm"]
-    done = _mlsyskit("fl", "launch", "--transport", "torchdist", "--ranks", 3, *FLAGS, *bad, *data, "--out", tmp_path / "ranks", "--no-progress")
+    launched = Launched("fl", "launch", "--transport", "torchdist", "--ranks", 3, *FLAGS, *bad, *data, "--out", tmp_path / "ranks", "--no-progress")
+    sim, simulated = _simulate(tmp_path, data_dir, "sim", malicious=1, attack="nan", strategy="fedavgm")
+    done = launched.done()
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     ranks = _rows(tmp_path / "ranks")
     (malicious,) = json.loads((tmp_path / "ranks" / "partition.json").read_text())["malicious"]
-    sim, simulated = _simulate(tmp_path, data_dir, "sim", malicious=1, attack="nan", strategy="fedavgm")
     for d, s in zip(ranks, simulated, strict=True):
         assert d["aggregation"] == "all-reduce" and "aggregation" not in s
         assert d["clients"] == 3 and d["dropped"] == [] and d["rejected"] == s["rejected"] == [malicious]
@@ -58,10 +77,11 @@ def test_all_reduce_follows_the_simulation_and_ranks_reject_their_own_bad_update
 def test_rules_that_need_every_update_gather_them(tmp_path, data_dir):
     data = ["--data-dir", data_dir] if data_dir else []
     # one client rank trains all 3 clients and gathers their models to rank 0 for the median
-    done = _mlsyskit("fl", "launch", "--transport", "torchdist", "--ranks", 2, *FLAGS, "--strategy", "median", *data,
-                     "--out", tmp_path / "ranks", "--no-progress")
-    assert done.returncode == 0, done.stderr
+    launched = Launched("fl", "launch", "--transport", "torchdist", "--ranks", 2, *FLAGS, "--strategy", "median", *data,
+                        "--out", tmp_path / "ranks", "--no-progress")
     sim, simulated = _simulate(tmp_path, data_dir, "sim", strategy="median")
+    done = launched.done()
+    assert done.returncode == 0, done.stderr
     for d, s in zip(_rows(tmp_path / "ranks"), simulated, strict=True):
         assert d["aggregation"] == "gather" and d["clients"] == 3 and d["rejected"] == []
         assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-4)

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -27,7 +28,7 @@ from mlsyskit.cli import main
 from mlsyskit.errors import UserError
 from mlsyskit.fl import FLConfig, run, wire
 from mlsyskit.fl.client import evaluate
-from mlsyskit.fl.grpc_client import ClientOptions, run_client
+from mlsyskit.fl.grpc_client import ClientOptions, run_client, run_clients
 from mlsyskit.fl.params import get_flat
 from mlsyskit.fl.simulation import setup, train_clients
 
@@ -92,6 +93,32 @@ def _client(server, k, data_dir, *flags):
     return _mlsyskit("fl", "client", "--server", server.address, "--client-id", k, "--connect-timeout", WAIT_S, *data, *flags)
 
 
+class ClientsHere:
+    """Clients in threads of this process (`run_clients`, the code of `fl client --client-id A-B`),
+    over the real network: for clients whose point is not a process of their own (one torch
+    import fewer than a client process)."""
+
+    def __init__(self, server, ids, data_dir, faults=None):
+        opts = ClientOptions(server=server.address, client_id=ids[0], data_dir=str(data_dir) if data_dir else None,
+                             insecure=True, connect_timeout=WAIT_S)
+        self.result = None
+        self.thread = threading.Thread(target=self._run, args=(opts, ids, faults), daemon=True)
+        self.thread.start()
+
+    def _run(self, opts, ids, faults):
+        try:
+            self.result = run_clients(opts, ids, faults)
+        except BaseException as e:  # noqa: BLE001 - re-raised by results()
+            self.result = e
+
+    def results(self):
+        self.thread.join(timeout=WAIT_S)
+        assert not self.thread.is_alive(), "the clients never heard the run end"
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
 def _stop(*procs):
     for p in procs:
         if p.poll() is None:
@@ -139,34 +166,33 @@ KILLED, SLOW, DEADLINE = 5, 6, 5  # the others train logreg sequentially in well
 @pytest.fixture(scope="module")
 def faulty_round(tmp_path_factory, data_dir):
     """One round of 7 clients, shared by the fault tests: client 0 honest and 1-4 sending bad
-    updates (one process), 5 SIGKILLed mid-round, 6 slow (sleeps 30 s before sending)."""
+    updates (in this process), 5 SIGKILLed mid-round, 6 slow (sleeps 30 s before sending)."""
     tmp_path = tmp_path_factory.mktemp("faulty")
     server = Server(tmp_path, *_run_flags(data_dir, clients=7), "--insecure", "--min-clients", "5",
                     "--wait-for", "7", "--round-timeout", DEADLINE)
-    faults = [a for k, kind in FAULTS.items() for a in ("--fault", f"{k}={kind}")]
-    procs = {"0-4": _client(server, "0-4", data_dir, "--insecure", *faults),
-             KILLED: _client(server, KILLED, data_dir, "--insecure", "--delay", "30"),
+    procs = {KILLED: _client(server, KILLED, data_dir, "--insecure", "--delay", "30"),
              SLOW: _client(server, SLOW, data_dir, "--insecure", "--delay", "30")}
+    here = ClientsHere(server, list(range(5)), data_dir, FAULTS)
     try:
         for line in procs[KILLED].stderr:  # SIGKILL it mid-round: after it got the model, before it answers
             if "round 1: training" in line:
                 procs[KILLED].send_signal(signal.SIGKILL)
                 break
         (row,) = server.wait()
-        out, _ = procs["0-4"].communicate(timeout=WAIT_S)
+        results = here.results()
     finally:
         _stop(*procs.values())
-    return row, server.text(), {k: p.returncode for k, p in procs.items()}, out
+    return row, server.text(), {k: p.returncode for k, p in procs.items()}, results
 
 
 def test_killed_and_slow_clients_do_not_stall_the_round(faulty_round):
-    row, log, codes, out = faulty_round
+    row, log, codes, results = faulty_round
     assert codes[KILLED] == -signal.SIGKILL
     assert row["dropped"] == [KILLED, SLOW] and row["clients"] == 5
     assert DEADLINE - 0.5 < row["wall_s"] < DEADLINE + 15  # closed at the deadline, not after the 30 s delay
     assert f"no update from client(s) [{KILLED}, {SLOW}] by the deadline" in log
     # the five clients of one process were each told the run is over
-    assert codes["0-4"] == 0 and [json.loads(line) for line in out.splitlines()] == [{"client_id": k, "rounds": 1} for k in range(5)]
+    assert results == [{"client_id": k, "rounds": 1} for k in range(5)]
 
 
 def test_bad_updates_are_rejected_and_logged_with_the_client_id(faulty_round):
@@ -286,16 +312,18 @@ def test_killed_server_resumes_and_clients_reconnect_with_int8_updates(tmp_path,
 def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_dir):
     # client 2 SIGKILLs itself after sharing its keys, before masking; client 3 right after
     # sending its masked update: the server unmasks the sum of 0, 1 and 3 from 0 and 1's shares
+    # (clients 0 and 1 in this process, each its own keys and session)
     server = Server(tmp_path, *_run_flags(data_dir, clients=4), "--secagg", "--secagg-threshold", "2", "--insecure",
-                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 4)
-    # clients 0 and 1 share a process (each its own keys and session)
-    procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-before-mask"),
-             _client(server, 3, data_dir, "--insecure", "--fault", "drop-after-mask")]
+                    "--min-clients", "2", "--wait-for", "4", "--round-timeout", 3)
+    procs = [_client(server, 2, data_dir, "--insecure", "--fault", "drop-before-mask"),
+             _client(server, 3, data_dir, "--insecure", "--fault", "3=drop-after-mask")]
+    here = ClientsHere(server, [0, 1], data_dir)
     try:
         rows = server.wait()
+        assert here.results() == [{"client_id": 0, "rounds": 1}, {"client_id": 1, "rounds": 1}]
     finally:
         _stop(*procs)
-    assert [p.returncode for p in procs] == [0, -signal.SIGKILL, -signal.SIGKILL]
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]
     (row,) = rows
     assert row["dropped"] == [2] and row["clients"] == 3 and row["rejected"] == []
     assert "unmasked the sum of clients [0, 1, 3] with 2 answers (threshold 2); recovered the masks of dropped client(s) [2]" in server.text()
@@ -314,10 +342,12 @@ def test_secure_aggregation_recovers_clients_killed_mid_protocol(tmp_path, data_
 
 def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     server = Server(tmp_path, *_run_flags(data_dir, clients=3), "--secagg", "--secagg-threshold", "3", "--insecure",
-                    "--wait-for", "3", "--round-timeout", 4, "--round-retries", "1")
-    procs = [_client(server, "0-1", data_dir, "--insecure"), _client(server, 2, data_dir, "--insecure", "--fault", "drop-after-mask")]
+                    "--wait-for", "3", "--round-timeout", 3, "--round-retries", "1")
+    procs = [_client(server, 2, data_dir, "--insecure", "--fault", "drop-after-mask")]
+    here = ClientsHere(server, [0, 1], data_dir)
     try:
         rc = server.proc.wait(timeout=WAIT_S)
+        survivors = here.results()
     finally:
         _stop(*procs)
         server.log.close()
@@ -326,4 +356,4 @@ def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     assert "round 1: secure aggregation: unmasking failed (only 2 clients answered the unmasking, fewer than the threshold 3)" in log
     assert "secure aggregation: 2 clients left, fewer than 3, in 2 attempts" in log
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert procs[0].returncode == 0  # the survivors were told the run is over
+    assert survivors == [{"client_id": 0, "rounds": 1}, {"client_id": 1, "rounds": 1}]  # told the run is over

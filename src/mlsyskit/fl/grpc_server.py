@@ -306,7 +306,9 @@ class GrpcTransport:
             while not set(self.joined) - self.lagging <= self.told_done and time.monotonic() < deadline:
                 self.cond.wait(0.1)
         if self.server is not None:
-            self.server.stop(grace=1.0)
+            # wait for the shutdown (ms once the last call ends): left pending, its grace timer
+            # thread holds the process's exit for the whole second
+            self.server.stop(grace=1.0).wait()
 
     # -- the gRPC handlers ---------------------------------------------------------------------
     def _auth(self, context: grpc.ServicerContext) -> int:
