@@ -160,7 +160,7 @@ def test_launch_follows_the_simulation_trajectory(tmp_path, data_dir):
 
 
 FAULTS = {1: "wrong-shape", 2: "garbage", 3: "nan", 4: "oversize"}
-KILLED, SLOW, DEADLINE = 5, 6, 5  # the others train logreg sequentially in well under a second, even loaded
+KILLED, SLOW, DEADLINE = 5, 6, 4  # the others train logreg sequentially in well under a second, even loaded
 
 
 @pytest.fixture(scope="module")
