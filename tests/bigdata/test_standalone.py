@@ -1,10 +1,10 @@
-"""A standalone Spark cluster on this machine (a master and 2 workers, real JVMs): the n-gram
+"""A standalone Spark cluster on this machine (a master and a worker, real JVMs): the n-gram
 command runs on it unchanged, and an executor SIGKILLed while it runs a task is replaced:
 Spark retries the lost task and the job completes with the same model as one Python process.
 
 The job is n-gram counting (tasks on the JVM only), so no executor has to import torch and
-load MiniLM first. Still seven JVMs (master, 2 workers, driver, 2 executors and the one that
-replaces the killed executor) start on the machine: opt-in, MLSYSKIT_SPARK_CLUSTER_TEST=1
+load MiniLM first. Still five JVMs (master, worker, driver, the executor and the one that
+replaces the killed one) start on the machine: opt-in, MLSYSKIT_SPARK_CLUSTER_TEST=1
 (see the README for its time here). `benchmarks/spark_pipelines.py
 --part cluster` kills an executor in the middle of an ingestion (Python workers embedding with
 MiniLM) and records it.
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import java_env
+
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MLSYSKIT_SPARK_CLUSTER_TEST"),
-    reason="starts a standalone cluster and 4 more JVMs (46 s on 2 quiet cores, 3 min at load 6-8): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
+    reason="starts a standalone cluster and 4 more JVMs (45 s on 2 cores at load 4): set MLSYSKIT_SPARK_CLUSTER_TEST=1",
 )
 
 TASK_THREAD = "Executor task l"  # "Executor task launch worker ..." as Linux keeps it (15 chars)
@@ -41,15 +43,15 @@ def _running_task(pid: int) -> bool:
 
 
 def _corpus(path: Path) -> None:
-    """~4 MB of text, 100,000 lines drawn from 2,000 sentences: map tasks of a few seconds on a
-    cold executor (long enough to kill one in the middle), few distinct n-grams (a quick model)."""
+    """~2 MB of text, 50,000 lines drawn from 2,000 sentences: map tasks of a second or more on
+    a cold executor (long enough to kill one in the middle), few distinct n-grams (a quick model)."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(500)]
     base = [" ".join(rng.choices(words, k=rng.randint(3, 14))) + " ." for _ in range(2000)]
-    path.write_text("\n".join(rng.choices(base, k=100_000)) + "\n", encoding="utf-8")
+    path.write_text("\n".join(rng.choices(base, k=50_000)) + "\n", encoding="utf-8")
 
 
-def test_killed_executor_is_retried_on_the_standalone_cluster(tmp_path: Path) -> None:
+def test_killed_executor_is_retried_on_the_standalone_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlsyskit.bigdata.ngram import (
         NgramLM,
         counts_from_sentences,
@@ -61,8 +63,10 @@ def test_killed_executor_is_retried_on_the_standalone_cluster(tmp_path: Path) ->
 
     corpus = tmp_path / "corpus.txt"
     _corpus(corpus)
+    # every JVM started below (master, worker, driver, executors) gets the test JVM flags
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", java_env()["JAVA_TOOL_OPTIONS"])
     out = tmp_path / "out"
-    with LocalCluster(workers=2, cores=1, memory="1g", work_dir=tmp_path / "cluster") as cluster:
+    with LocalCluster(workers=1, cores=1, memory="1g", work_dir=tmp_path / "cluster") as cluster:
         cmd = [sys.executable, "-m", "mlsyskit", "spark", "ngram", "--train", str(corpus), "--order", "3",
                "--samples", "0", "--out", str(out), "--master", cluster.master_url, "--no-progress"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
