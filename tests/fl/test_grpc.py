@@ -246,8 +246,10 @@ def test_tls_and_tokens_refuse_a_wrong_token_or_certificate(tmp_path, data_dir):
                          token="s3cret-zero", connect_timeout=20)
     try:
         assert run_client(good) == {"client_id": 0, "rounds": 1}
-    finally:
-        rows = server.wait()
+    except BaseException:
+        server.proc.kill()  # it would wait for its client until --join-timeout
+        raise
+    rows = server.wait()
     assert rows[0]["clients"] == 1 and rows[0]["test_accuracy"] > 0.5
     assert "refused client 0" in server.text() and "wrong or missing token" in server.text()
 
