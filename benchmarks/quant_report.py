@@ -74,6 +74,8 @@ OURS: dict[str, list[str] | None] = {
     "int4 AWQ+GPTQ g32 float zero, dq scales, int8 head (preset q4)": ["--preset", "q4", *CALIB],
     "int3 RTN g32": ["--bits", "3", "--group-size", "32"],
     "int3 AWQ+GPTQ g32, int8 head": ["--bits", "3", "--group-size", "32", "--method", "awq-gptq", "--lm-head", "int8", *CALIB],
+    # the same mix at a tighter budget, where some layers stay at 3 bits
+    "int3 base, layers to 4/8 bits by sensitivity <= 5.0 bpw, float zero, dq scales, AWQ+GPTQ, int8 table": ["--bits", "3", "--group-size", "32", "--zero-point", "float", "--double-quant", "--method", "awq-gptq", "--lm-head", "int8", "--budget", "5.0", *CALIB],
     "int3 base, layers to 4/8 bits by sensitivity <= 5.44 bpw, float zero, dq scales, AWQ+GPTQ, int8 table (preset q3)": ["--preset", "q3", *CALIB],
 }
 CHECK_FILES = ("llama-Q4_K_M.gguf", "llama-Q8_0.gguf", "f32.gguf")
