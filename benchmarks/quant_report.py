@@ -173,7 +173,8 @@ def score(args: argparse.Namespace, cache: Path) -> None:
         done["rows"].update(pool.map(one, todo.items()))
     if "llama_cpp_check" not in done:
         done["llama_cpp_check"] = {f: llama_cpp_check(args, cache / f, held) for f in CHECK_FILES}
-    done["load_average_1min"] = common.loadavg()
+    # one entry per score run (a --rows run adds one), with the rows it scored
+    done.setdefault("parts", []).append({"rows": list(todo), "load_average_1min": common.loadavg()})
     common.write_json(cache / "score.json", done)
 
 
@@ -273,7 +274,7 @@ def report(args: argparse.Namespace, cache: Path) -> None:
         "run": common.run_stamp(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs",
         "cpu_model": common.cpu_model(),
-        "load_average_1min": {"score": sc.get("load_average_1min"),
+        "load_average_1min": {"score_parts": [p["load_average_1min"] for p in sc.get("parts", [])],
                               "decode_parts": [{k: p[k] for k in ("load_average_1min_start", "load_average_1min_end")} for p in dec["parts"]]},
         "reference": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded) dequantized, written as F32 GGUF",
         "heldout": {"text": "last 10 % of Tiny Shakespeare", "tokens": args.eval_tokens, "window": 512},
