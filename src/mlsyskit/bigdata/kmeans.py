@@ -173,7 +173,7 @@ def run_kmeans(
         sizes = {int(r["segment"]): int(r["count"]) for r in segments.groupBy("segment").count().collect()}
         segments.drop("features").write.mode("overwrite").parquet(str(out_dir / "segments.parquet"))
     with step("plotting"):
-        plot = _plot(segments, model, results, chosen, out_dir / "segments.png", len(cols), seed)
+        plot = _plot(segments, rows, model, results, chosen, out_dir / "segments.png", len(cols), seed)
     data.unpersist()
     chosen_row = next(r for r in results if r["k"] == chosen)
     summary = {
@@ -187,9 +187,9 @@ def run_kmeans(
     return summary
 
 
-def _plot(segments: Any, model: Any, results: list[dict[str, Any]], chosen: int, path: Path, dims: int, seed: int) -> str:
-    """Points on their first two principal components, coloured by segment; inertia and
-    silhouette against k."""
+def _plot(segments: Any, n: int, model: Any, results: list[dict[str, Any]], chosen: int, path: Path, dims: int, seed: int) -> str:
+    """Points on their first two principal components (a sample of the ``n`` rows of
+    ``segments``), coloured by segment; inertia and silhouette against k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +197,6 @@ def _plot(segments: Any, model: Any, results: list[dict[str, Any]], chosen: int,
     import numpy as np
     from pyspark.ml.feature import PCA
 
-    n = segments.count()
     sample = segments.sample(False, min(1.0, PLOT_POINTS / max(n, 1)), seed).select("features", "segment")
     centers = np.asarray(model.clusterCenters(), np.float64)
     if dims >= 2:
