@@ -345,3 +345,15 @@ def test_serve_metrics_show_the_tiers(ckpt: Checkpoint) -> None:
     assert "mlsyskit_kv_tier_copy_wait_seconds_total" in text
     assert f'mlsyskit_kv_preemptions_swapped_total{{model="tiny"}} {float(u["preemptions_swapped"])}' in text
     assert u["preemptions_swapped"] > 0
+
+
+def test_no_kv_prefetch_flag_reaches_the_engine_options() -> None:
+    import argparse
+
+    from mlsyskit.engine.cli import kv_tier_kwargs, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    on = parser.parse_args(["generate", "--prompt", "hi", "--kv-offload", "cpu"])
+    off = parser.parse_args(["generate", "--prompt", "hi", "--kv-offload", "cpu", "--no-kv-prefetch"])
+    assert kv_tier_kwargs(on)["kv_prefetch"] is True and kv_tier_kwargs(off)["kv_prefetch"] is False

@@ -80,12 +80,13 @@ def add_kv_tier_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-disk-gib", type=float, default=16.0, metavar="GIB", help="disk tier size (default: 16)")
     p.add_argument("--kv-offload-dir", default=None, metavar="DIR", help="directory of the disk tier's block files (needed with --kv-offload disk)")
     p.add_argument("--preemption", default="auto", choices=("auto", "swap", "recompute"), help="a preempted request's KV: swap it to the tier and back, recompute it, or auto: the cheaper by the measured copy and prefill rates (swap needs --kv-offload) (default: auto)")
+    p.add_argument("--no-kv-prefetch", dest="kv_prefetch", action="store_false", help="copy tier blocks back into the pool all before the step (the naive version) instead of layer by layer on a worker thread while earlier layers compute")
 
 
 def kv_tier_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The LLM/LLMEngine keyword arguments of the KV tier flags."""
     return {"kv_offload": args.kv_offload, "kv_offload_gib": args.kv_offload_gib, "kv_disk_gib": args.kv_disk_gib,
-            "kv_offload_dir": args.kv_offload_dir, "preemption": args.preemption}
+            "kv_offload_dir": args.kv_offload_dir, "preemption": args.preemption, "kv_prefetch": args.kv_prefetch}
 
 
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:
