@@ -359,3 +359,14 @@ def test_secure_aggregation_below_threshold_fails_cleanly(tmp_path, data_dir):
     assert "secure aggregation: 2 clients left, fewer than 3, in 2 attempts" in log
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
     assert survivors == [{"client_id": 0, "rounds": 1}, {"client_id": 1, "rounds": 1}]  # told the run is over
+
+
+def test_launched_processes_share_the_cores_unless_the_user_set_openmp_threads(monkeypatch):
+    from mlsyskit.fl.cli import _child_env
+
+    cores = os.cpu_count() or 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _child_env(cores + 1)["OMP_NUM_THREADS"] == "1"  # more processes than cores: 1 each
+    assert _child_env(1)["OMP_NUM_THREADS"] == str(cores)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _child_env(cores + 1)["OMP_NUM_THREADS"] == "3"  # the user's choice stands

@@ -228,6 +228,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _child_env(processes: int) -> dict[str, str]:
+    """This environment with OpenMP threads shared out among ``processes`` processes started
+    together (at least 1 each), as torchrun does, unless the user set OMP_NUM_THREADS: with the
+    default of one thread per core each process spins on every core (measured here, 3 ranks of
+    logreg on 2 cores, 6 rounds: 10.5 s -> 6.3 s; gRPC, 3 clients: 14.3 s -> 10.0 s)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
 def _launch(args: argparse.Namespace) -> int:
     """A server and one client process per client id on this machine, over loopback."""
     import subprocess
@@ -264,12 +274,13 @@ def _launch(args: argparse.Namespace) -> int:
     # processes start with the server instead of after it: each pays its own python + torch
     # import (seconds) while the server loads, and retries until it listens (--connect-timeout).
     port = _free_port()
+    env = _child_env(1 + -(-n // args.clients_per_process))
     server = subprocess.Popen(
         [*argv, "server", "--insecure", "--address", f"127.0.0.1:{port}",
          "--min-clients", str(args.min_clients), "--round-timeout", str(args.round_timeout),
          "--wait-for", str(args.wait_for or n),
          "--join-timeout", str(args.join_timeout), "--round-retries", str(args.round_retries),
-         "--progress" if show_progress(args.progress) else "--no-progress", *flags]
+         "--progress" if show_progress(args.progress) else "--no-progress", *flags], env=env,
     )
     clients: list[subprocess.Popen] = []
     rc = 1
@@ -282,7 +293,7 @@ def _launch(args: argparse.Namespace) -> int:
             clients.append(subprocess.Popen(
                 [*argv, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--client-id", ids, *data, *threads,
                  "--connect-timeout", str(args.join_timeout)],
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env=env,
             ))
         rc = server.wait()
     finally:
@@ -307,7 +318,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], flags: list[str], w
     rc = 1
     try:
         for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            env = {**_child_env(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen(
                 [*argv, "collective", "--join-timeout", str(args.join_timeout), "--aggregation", args.aggregation,
