@@ -327,6 +327,14 @@ def run_round(fed: Federation, rnd: int, global_w: torch.Tensor, transport: Tran
             new_w = global_w
             rejected = list(trained)
             note = f"aggregate not committed ({why}); the model stays as it was"
+    return _round_result(got, losses, new_w, sampled, trained, rejected, note, dropout)
+
+
+def _round_result(
+    got: Collected, losses: torch.Tensor, new_w: torch.Tensor, sampled: np.ndarray, trained: list[int],
+    rejected: list[int], note: str | None, dropout: list[int],
+) -> RoundResult:
+    """The round's record: the mean of the finite client losses, times and bytes from `got`."""
     finite_loss = losses[torch.isfinite(losses)]
     return RoundResult(
         global_w=new_w,
@@ -385,20 +393,7 @@ def _reduced_round(
             fed.strategy.load_state_dict(saved)
             new_w, rejected = global_w, list(trained)
             note = f"aggregate not committed ({why}); the model stays as it was"
-    finite_loss = got.losses[torch.isfinite(got.losses)]
-    return RoundResult(
-        global_w=new_w,
-        sampled=sampled.tolist(),
-        trained=trained,
-        rejected=rejected,
-        train_loss=float(finite_loss.mean()) if len(finite_loss) else None,
-        train_s=got.train_s,
-        note=note,
-        dropped=sorted(dropout + got.missing),
-        bytes_up=got.bytes_up,
-        bytes_down=got.bytes_down,
-        aggregation=got.aggregation,
-    )
+    return _round_result(got, got.losses, new_w, sampled, trained, rejected, note, dropout)
 
 
 def dp_noise(cfg: FLConfig) -> float:
