@@ -98,3 +98,82 @@ def test_llama_cpp_blocks_dequantize_exactly(wide_f32_gguf: Path, tmp_path: Path
     ref = load_checkpoint(wide_f32_gguf).state_dict["layers.0.ffn.down.weight"]
     err = (ckpt.state_dict["layers.0.ffn.down.weight"] - ref).norm() / ref.norm()
     assert 0 < err < 0.5
+
+
+# -- the same blocks repacked for the compiled kernels (mlsyskit.quant.gguf_repack) -----------
+
+
+def _kernel_variants() -> list[str]:
+    from mlsyskit.quant import kernels
+
+    return kernels.runnable_variants() if kernels.available() else []
+
+
+@pytest.mark.parametrize("variant", _kernel_variants())
+@pytest.mark.parametrize("name", sorted(F16_FIELDS))
+def test_repacked_blocks_dequantize_and_multiply_like_gguf_py(name: str, variant: str) -> None:
+    """Exact formats agree with gguf-py to float32 rounding (Q5_0 bit for bit); re-quantized
+    blocks (Q6_K, Q2_K, Q3_K's rare overflow) within half their int8 step; the integer kernel
+    computes with the repacked values. Blocks with a zero scale (constant blocks) included."""
+    import torch
+
+    from mlsyskit.quant import gguf_repack, kernels
+
+    from ..quant.test_kernels import reference
+
+    lib = kernels.library(variant)[0]
+    block, nbytes = GGML_QUANT_SIZES[Q[name]]
+    rows = 6
+    raw = random_blocks(name, rows * 512 // block, seed=len(name)).reshape(rows, -1)
+    raw[1, F16_FIELDS[name][0] : F16_FIELDS[name][0] + 2] = 0  # d = 0: a block (or super-block) of constants
+    ref = gguf_dequantize(raw, Q[name]).reshape(rows, 512)
+    r = gguf_repack.repack(name, raw)
+    qw = kernels.QWeight([r.part], 512)
+    ours = kernels.dequantize(qw, lib=lib).numpy()
+    step = r.part.scale.numpy().repeat(32, axis=1)  # each value's block scale
+    err = np.abs(ours - ref)
+    if name in ("Q6_K", "Q2_K"):
+        assert r.requantized_blocks > 0
+    if name == "Q5_0":
+        assert np.array_equal(ours, ref)
+    lossy = err > 1e-6 * np.abs(ref).max()
+    assert r.requantized_blocks or not lossy.any()
+    assert (err <= 0.5001 * np.abs(step) + 1e-6 * np.abs(ref).max()).all()
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32))
+    want, size = reference(x, ours.astype(np.float64))
+    np.testing.assert_allclose(kernels.qmatmul(x, qw, lib=lib).numpy(), want, rtol=0, atol=2e-6 * size)
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M"])
+def test_llama_cpp_k_quants_run_natively_like_the_float_path(wide_f32_gguf: Path, tmp_path: Path, ftype: str) -> None:
+    """A llama.cpp-written K-quant model on the kernels (repacked blocks, int8 activations)
+    against the same file dequantized to float32: the logits agree as for Q4_0/Q4_1/Q8_0."""
+    pytest.importorskip("llama_cpp")  # `make bench-deps` builds it; CI's `make test` does not
+    import torch
+    import torch.nn.functional as F
+
+    from mlsyskit.engine import LLM, SamplingParams
+    from mlsyskit.quant import kernels
+    from mlsyskit.quant.linear import BlockLinear, set_prefill_dtype
+    from mlsyskit.quant.llama_cpp_peer import quantize
+
+    if not kernels.available():
+        pytest.skip(f"no compiled kernels: {kernels.status()}")
+    path = quantize(wide_f32_gguf, tmp_path / f"{ftype}.gguf", ftype)
+    native, ref = LLM(path, max_model_len=64), LLM(path, dtype="float32", max_model_len=64)
+    model = native.engine.model
+    formats = {f for m in model.modules() if isinstance(m, BlockLinear) for f in m.formats}
+    assert f"Q{ftype[1]}_K" in formats, formats
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # no float weight left
+    ids = torch.tensor([native.tokenizer.encode("To be, or not to be, that is the question:")[:40]])
+    with torch.no_grad():
+        want = ref.engine.model(ids)[0]
+        set_prefill_dtype(model, torch.float32)
+        dense = model(ids)[0]  # 40 rows: dense GEMMs on the repacked weights
+        small = model(ids[:, :5])[0]  # 5 rows: the integer kernels
+    # Q6_K blocks (attn_v, ffn_down in these mixes) are re-quantized to int8 per 32
+    exact = not any(m.requantized_blocks for m in model.modules() if isinstance(m, BlockLinear))
+    assert F.cosine_similarity(dense, want, dim=-1).min() > (0.999999 if exact else 0.999)
+    assert F.cosine_similarity(small, want[:5], dim=-1).min() > 0.99
+    out = native.generate(["Once upon a time"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert native.engine.runner.fused is not None and len(out.token_ids) == 4

@@ -48,7 +48,6 @@ from mlsyskit.errors import UserError
 from mlsyskit.models.config import TransformerConfig
 from mlsyskit.models.gguf_loader import BLOCK, BlockTensor, BlockWeight
 from mlsyskit.models.transformer import Transformer
-from mlsyskit.quant.kernels import BLOCK_BYTES
 
 IDLE_TIMEOUT = timedelta(days=7)  # the control group: workers wait on it between steps
 
@@ -201,12 +200,14 @@ def _take_rows(v: Tensor | BlockWeight, rows: np.ndarray) -> Tensor | BlockWeigh
 
 
 def _take_cols(v: Tensor | BlockWeight, lo: int, hi: int) -> Tensor | BlockWeight:
-    """Input columns ``lo..hi`` of a weight (whole 32-blocks of a block weight)."""
+    """Input columns ``lo..hi`` of a weight (whole blocks of a block weight; a K-quant's
+    256-value super-blocks that the split would cut are dequantized to float32 instead)."""
     if isinstance(v, Tensor):
         return v[:, lo:hi].contiguous()
-    b0, b1 = lo // BLOCK, hi // BLOCK
+    if any(lo % p.block_values or hi % p.block_values for p in v.parts):
+        return v.dequantize()[:, lo:hi].contiguous()
     parts = tuple(
-        BlockTensor(p.qtype, np.ascontiguousarray(p.data[:, b0 * BLOCK_BYTES[p.qtype] : b1 * BLOCK_BYTES[p.qtype]]), p.perm)
+        BlockTensor(p.qtype, np.ascontiguousarray(p.data[:, lo // p.block_values * p.block_bytes : hi // p.block_values * p.block_bytes]), p.perm)
         for p in v.parts
     )
     return BlockWeight(parts, (v.shape[0], hi - lo))

@@ -7,12 +7,13 @@ Architectures: llama (SmolLM2, TinyLlama, Mistral), qwen2, gpt2. Two ways:
 - ``native=False`` (the float reference): F32/F16/BF16/Q8_0/Q4_0/Q4_1 are dequantized with the
   vectorized numpy code below, Q5_0/Q5_1 and the K-quants (Q2_K..Q6_K) with
   :mod:`mlsyskit.models.gguf_kquants`, fused tensors straight into their slice of the output.
-- ``native=True``: every 2-D weight stored as Q4_0, Q4_1 or Q8_0 stays in the file as it is:
-  its state-dict value is a :class:`BlockWeight` (views of the memory-mapped blocks, the fused
-  parts side by side, the Q/K permutation as an index of output rows). Nothing is dequantized
-  or copied, so loading takes a fraction of a second; the engine computes on the blocks with
-  the kernels of :mod:`mlsyskit.quant.kernels` (``quantized_linear=`` of ``build_transformer``).
-  Weights in the other block formats are dequantized to float32 as with ``native=False``.
+- ``native=True``: every 2-D weight stored in a block format (Q4_0/Q4_1/Q8_0, Q5_0/Q5_1,
+  Q2_K..Q6_K) stays in the file as it is: its state-dict value is a :class:`BlockWeight` (views
+  of the memory-mapped blocks, the fused parts side by side, the Q/K permutation as an index of
+  output rows). Nothing is dequantized or copied here, so loading takes a fraction of a second;
+  the engine computes on the blocks with the kernels of :mod:`mlsyskit.quant.kernels`
+  (``quantized_linear=`` of ``build_transformer``), Q4_0/Q4_1/Q8_0 in place, the others
+  repacked by :mod:`mlsyskit.quant.gguf_repack`. F32/F16/BF16 weights load as float32.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from mlsyskit.models.tokenizer import Tokenizer
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1) + tuple(Q[n] for n in DEQUANTIZERS)
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
-NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # block formats kept as they are with native=True
-BLOCK = 32  # values per block of every NATIVE_TYPES format
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0) + tuple(Q[n] for n in DEQUANTIZERS)  # kept as blocks with native=True
+BLOCK = 32  # values per block of Q4_0/Q4_1/Q8_0/Q5_0/Q5_1 (K-quants: super-blocks of 256)
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,23 @@ class BlockTensor:
     uint8 view of the memory-mapped file; ``perm`` (int32, or None) is the output row of each
     stored row (llama.cpp's Q/K row order, undone without moving a byte)."""
 
-    qtype: str  # "Q4_0", "Q4_1" or "Q8_0"
+    qtype: str  # a NATIVE_TYPES name: "Q4_0", "Q8_0", "Q4_K", ...
     data: np.ndarray
     perm: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
         return self.data.shape[0]
+
+    @property
+    def block_values(self) -> int:
+        """Values per block (32, or 256 for the K-quants)."""
+        return GGML_QUANT_SIZES[Q[self.qtype]][0]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes per block."""
+        return GGML_QUANT_SIZES[Q[self.qtype]][1]
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,16 @@ class BlockWeight:
             else:
                 out[start + p.perm] = rows
             start += p.rows
+        return torch.from_numpy(out)
+
+    def dequantize_rows(self, ids: np.ndarray) -> torch.Tensor:
+        """Rows ``ids`` of a one-part weight in stored order (an embedding table), float32 as
+        :meth:`dequantize` gives them."""
+        if len(self.parts) != 1 or self.parts[0].perm is not None:
+            raise ValueError("dequantize_rows takes a weight of one part, rows in order")
+        p = self.parts[0]
+        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+        dequantize_into(np.ascontiguousarray(p.data[ids]).reshape(-1), int(Q[p.qtype]), out)
         return torch.from_numpy(out)
 
 
@@ -424,7 +445,7 @@ def _build(
             raise UserError(f"GGUF tensors cannot be fused, their shapes disagree: {got}")
         rows = [shapes[name][0] for name, _ in present]
         tail = tails.pop()
-        if native and len(tail) == 1 and tail[0] % BLOCK == 0 and all(
+        if native and len(tail) == 1 and all(
             infos[name].tensor_type in NATIVE_TYPES for name, _ in present
         ):
             sd[ours] = _block_weight(present, infos, (sum(rows), tail[0]))
@@ -455,7 +476,7 @@ def _file_type(meta: dict[str, Any], reader: GGUFFile) -> str:
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, native: bool = False) -> Checkpoint:
     """Load a GGUF file: config, state dict (our names; float tensors in ``dtype``, and with
-    ``native`` the Q4_0/Q4_1/Q8_0 weights as :class:`BlockWeight`), tokenizer."""
+    ``native`` the block-quantized 2-D weights as :class:`BlockWeight`), tokenizer."""
     reader = _open(path)
     meta = reader.metadata
     infos = {t.name: t for t in reader.tensors}

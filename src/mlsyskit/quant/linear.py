@@ -6,8 +6,10 @@ to int8 per block):
 
 - :class:`QuantLinear`: the codes of ``mlsyskit quantize`` / ``quantize_`` (8-bit, and 4-, 3-,
   2-bit codes kept in a nibble each), with rows a multiple of 32;
-- :class:`BlockLinear`: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks, memory-mapped as the file
-  stores them (``BlockWeight`` of :mod:`mlsyskit.models.gguf_loader`).
+- :class:`BlockLinear`: a GGUF file's blocks (``BlockWeight`` of
+  :mod:`mlsyskit.models.gguf_loader`): Q4_0 / Q4_1 / Q8_0 memory-mapped as the file stores
+  them, Q5_0 / Q5_1 / K-quants repacked at load into int4/int8 codes with a scale and zero
+  point per 32 (:mod:`mlsyskit.quant.gguf_repack`; exact but for Q6_K/Q2_K, re-quantized).
 
 Up to ``DENSE_ROWS - 1`` rows (decode) go through the integer kernel. From ``DENSE_ROWS`` rows on
 (prefill, large batches) the weight is dequantized into a reused buffer and one dense GEMM runs,
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from mlsyskit.errors import UserError
 from mlsyskit.models.gguf_loader import BlockWeight
 from mlsyskit.models.transformer import RowEmbedding, attach_linear_weights
-from mlsyskit.quant import kernels
+from mlsyskit.quant import gguf_repack, kernels
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
 
@@ -206,8 +208,10 @@ class QuantLinear(_KernelLinear):
 
 
 class BlockLinear(_KernelLinear):
-    """A linear layer computing on a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks in place (the
-    memory-mapped file is the weight; parts fused without copying, Q/K rows reordered by index).
+    """A linear layer computing on a GGUF file's blocks: Q4_0 / Q4_1 / Q8_0 in place (the
+    memory-mapped file is the weight; parts fused without copying, Q/K rows reordered by index),
+    the other formats repacked once into the kernels' U4/I8 layouts (``requantized_blocks``:
+    how many 32-blocks could not be repacked exactly, see :mod:`mlsyskit.quant.gguf_repack`).
 
     Also serves embedding lookups (:meth:`rows`) when the weight is a token table.
     """
@@ -220,8 +224,16 @@ class BlockLinear(_KernelLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._perms = [None if p.perm is None else torch.from_numpy(p.perm) for p in weight.parts]
         self._qw = None
+        self.requantized_blocks = 0
         if kernels.available():
-            parts = [kernels.Part(p.qtype, p.data, perm=perm) for p, perm in zip(weight.parts, self._perms, strict=True)]
+            parts = []
+            for p, perm in zip(weight.parts, self._perms, strict=True):
+                if p.qtype in kernels.FORMATS:
+                    parts.append(kernels.Part(p.qtype, p.data, perm=perm))
+                    continue
+                r = gguf_repack.repack(p.qtype, p.data, perm)
+                parts.append(r.part)
+                self.requantized_blocks += r.requantized_blocks
             self._qw = kernels.QWeight(parts, self.in_features)
         else:
             kernels.warn_unavailable("GGUF blocks are dequantized on every call (slow)")
@@ -230,18 +242,29 @@ class BlockLinear(_KernelLinear):
         return self.block_weight.dequantize()
 
     def rows(self, ids: Tensor) -> Tensor:
-        """Rows ``ids`` of the weight, dequantized (float32): an embedding lookup."""
-        if self._qw is None or len(self._perms) != 1 or self._perms[0] is not None:
-            return self.weight()[ids.reshape(-1)]
+        """Rows ``ids`` of the weight, dequantized (float32): an embedding lookup (from the
+        file's blocks where the kernels' copy was re-quantized)."""
+        ids = ids.reshape(-1)
+        if len(self._perms) != 1 or self._perms[0] is not None:
+            return self.weight()[ids]
+        if self._qw is None or self.requantized_blocks:
+            return self.block_weight.dequantize_rows(ids.numpy())
         return kernels.gather_rows(self._qw, ids)
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight the layer computes with: the file's blocks (memory-mapped, shared
+        with the page cache), or their repacked copy."""
+        return self.block_weight.nbytes if self._qw is None else self._qw.nbytes
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the blocks (memory-mapped, shared with the page cache) and the bias."""
-        return self.block_weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        """Bytes of the weight (:attr:`weight_bytes`) and the bias."""
+        return self.weight_bytes + (0 if self.bias is None else self.bias.nbytes)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {'+'.join(self.formats)} blocks"
+        requant = f", {self.requantized_blocks} blocks re-quantized" if self.requantized_blocks else ""
+        return f"{self.in_features}, {self.out_features}, {'+'.join(self.formats)} blocks{requant}"
 
 
 def quantized_linear(weight: Any, bias: Tensor | None) -> nn.Module:
@@ -370,5 +393,5 @@ def model_bytes(model: nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.nbytes
     for m in {id(m): m for m in model.modules() if isinstance(m, BlockLinear)}.values():
-        total += m.block_weight.nbytes
+        total += m.weight_bytes
     return total
