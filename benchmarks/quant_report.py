@@ -78,7 +78,7 @@ OURS: dict[str, list[str] | None] = {
     "int3 base, layers to 4/8 bits by sensitivity <= 5.0 bpw, float zero, dq scales, AWQ+GPTQ, int8 table": ["--bits", "3", "--group-size", "32", "--zero-point", "float", "--double-quant", "--method", "awq-gptq", "--lm-head", "int8", "--budget", "5.0", *CALIB],
     "int3 base, layers to 4/8 bits by sensitivity <= 5.44 bpw, float zero, dq scales, AWQ+GPTQ, int8 table (preset q3)": ["--preset", "q3", *CALIB],
 }
-CHECK_FILES = ("llama-Q4_K_M.gguf", "llama-Q8_0.gguf", "f32.gguf")
+CHECK_FILES = (*(f"llama-{t}.gguf" for t in LLAMA_TYPES), "f32.gguf")
 GOALS = {"int8_ppl_increase_max": 0.005, "llama_cpp_scoring_agreement_max": 0.005}
 
 
@@ -171,8 +171,10 @@ def score(args: argparse.Namespace, cache: Path) -> None:
     todo = {n: p for n, p in rows(cache, args).items() if n not in done["rows"] or args.rows is not None}
     with ThreadPoolExecutor(args.jobs) as pool:
         done["rows"].update(pool.map(one, todo.items()))
-    if "llama_cpp_check" not in done:
-        done["llama_cpp_check"] = {f: llama_cpp_check(args, cache / f, held) for f in CHECK_FILES}
+    check = done.setdefault("llama_cpp_check", {})
+    for f in CHECK_FILES:  # files not checked yet, or checked before the rounded score existed
+        if "ours_llama_cpp_activations" not in check.get(f, {}):
+            check[f] = llama_cpp_check(args, cache / f, held)
     # one entry per score run (a --rows run adds one), with the rows it scored
     done.setdefault("parts", []).append({"rows": list(todo), "load_average_1min": common.loadavg()})
     common.write_json(cache / "score.json", done)
@@ -181,37 +183,30 @@ def score(args: argparse.Namespace, cache: Path) -> None:
 def llama_cpp_check(args: argparse.Namespace, path: Path, held: Path) -> dict[str, Any]:
     """llama.cpp's own perplexity of the GGUF ``path`` against ours, same tokens, same windows
     (each window of 256 evaluated from position 0, all but its first token scored). llama.cpp
-    rounds the activations to 8 bits in its products with quantized weights (Q8_0/Q8_K), which
-    our engine does not: the F32 file shows the scorers' agreement without that."""
-    import numpy as np
+    rounds the activations to 8 bits in its products with quantized weights (Q8_0 per 32, Q8_K
+    per 256 for K-quants), which our scorer does not (``ours``); ``ours_llama_cpp_activations``
+    is our score with that rounding (``--activations llama.cpp``). The F32 file shows the
+    scorers' agreement without any rounding."""
+    from mlsyskit.quant.llama_cpp_peer import perplexity
 
-    from mlsyskit.quant.llama_cpp_peer import llama_cpp
-
-    lc = llama_cpp()
     window = 256
-    r = subprocess.run([*MLSYSKIT, "perplexity", "--model", str(path), "--text", str(held), "--window", str(window),
-                        "--max-tokens", str(args.check_tokens), "--threads", "1"], capture_output=True, text=True, check=True)
-    ours = json.loads(r.stdout)
-    # F32 KV cache (llama.cpp defaults to F16): only the weights should differ
-    llm = lc.Llama(model_path=str(path), n_ctx=window, logits_all=True, verbose=False, n_threads=1, n_batch=window, type_k=0, type_v=0)
-    ids = llm.tokenize(held.read_text().encode(), add_bos=False, special=False)[: args.check_tokens]
-    total, n = 0.0, 0
-    for b in range(0, len(ids), window):
-        w = ids[b : b + window]
-        if len(w) < 2:
-            continue
-        llm.reset()
-        llm.eval(w)
-        logits = np.asarray(llm.scores[: len(w)], dtype=np.float64)
-        logp = logits - logits.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-        total -= sum(logp[i - 1, w[i]] for i in range(1, len(w)))
-        n += len(w) - 1
-    theirs = float(np.exp(total / n))
-    diff = ours["perplexity"] / theirs - 1
-    log(f"scoring check on {path.name}: ours {ours['perplexity']:.4f}, llama.cpp {theirs:.4f} ({diff:+.3%})")
-    return {"file": path.name, "tokens": n, "window": window, "ours": ours["perplexity"], "llama_cpp": theirs,
-            "relative_difference": diff, "met": abs(diff) <= GOALS["llama_cpp_scoring_agreement_max"]}
+
+    def ours(*extra: str) -> dict[str, Any]:
+        r = subprocess.run([*MLSYSKIT, "perplexity", "--model", str(path), "--text", str(held), "--window", str(window),
+                            "--max-tokens", str(args.check_tokens), "--threads", "1", *extra], capture_output=True, text=True, check=True)
+        return json.loads(r.stdout)
+
+    plain = ours()
+    rounded = ours("--activations", "llama.cpp") if path.name != "f32.gguf" else plain
+    theirs, ids = perplexity(path, held.read_text(), window, args.check_tokens)
+    diff = plain["perplexity"] / theirs - 1
+    diff_rounded = rounded["perplexity"] / theirs - 1
+    log(f"scoring check on {path.name}: ours {plain['perplexity']:.4f}, with llama.cpp's activation rounding "
+        f"{rounded['perplexity']:.4f}, llama.cpp {theirs:.4f} ({diff:+.3%}, {diff_rounded:+.3%})")
+    return {"file": path.name, "tokens": len(ids) - (len(ids) + window - 1) // window, "window": window, "ours": plain["perplexity"],
+            "ours_llama_cpp_activations": rounded["perplexity"], "llama_cpp": theirs,
+            "relative_difference": diff, "relative_difference_llama_cpp_activations": diff_rounded,
+            "met": abs(diff) <= GOALS["llama_cpp_scoring_agreement_max"]}
 
 
 def decode(args: argparse.Namespace, cache: Path) -> None:
@@ -311,7 +306,8 @@ def goals(by: dict[str, dict[str, Any]], check: dict[str, Any]) -> dict[str, Any
         out["int8_within_0.5pct"] = {"ppl_increase": int8, "met": int8 <= GOALS["int8_ppl_increase_max"]}
     out["llama_cpp_scoring_within_0.5pct"] = {
         "relative_difference": {f: c["relative_difference"] for f, c in check.items()},
-        "met": check["llama-Q4_K_M.gguf"]["met"],
+        "relative_difference_llama_cpp_activations": {f: c.get("relative_difference_llama_cpp_activations") for f, c in check.items()},
+        "met": all(c["met"] for c in check.values()),
     }
     return out
 

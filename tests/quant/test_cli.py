@@ -67,9 +67,12 @@ def test_quantize_perplexity_generate(awq_dir: Path, tiny_llama_dir: Path, sampl
         (["perplexity", "--text", "{tmp}/missing.txt"], "does not exist"),
         (["perplexity", "--stride", "600"], "stride must be in [1, window=512]"),
         (["perplexity", "--quantization", "int5"], "unknown quantization"),
+        (["perplexity", "--activations", "llama.cpp"], "needs a GGUF file with block-quantized weights"),
+        (["perplexity", "--activations", "llama.cpp", "--quantization", "int8"], "leave out --quantization and --dtype"),
     ],
     ids=["bits-5", "group-not-dividing", "group-0", "missing-calib", "calib-without-awq",
-         "act-order-without-gptq", "out-exists", "bad-method", "preset-overridden", "missing-text", "bad-stride", "bad-spec"],
+         "act-order-without-gptq", "out-exists", "bad-method", "preset-overridden", "missing-text", "bad-stride", "bad-spec",
+         "llama-cpp-activations-of-float-weights", "llama-cpp-activations-with-quantization"],
 )
 def test_bad_configs_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path, tiny_llama_dir: Path, sample_text_file: Path, capsys: pytest.CaptureFixture) -> None:
     # In-process (main() is what the console script runs): a subprocess each would cost seconds.

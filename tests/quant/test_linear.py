@@ -244,3 +244,23 @@ def test_attach_quantized_installs_weights_and_keeps_biases() -> None:
         attach_quantized(model, {"layers.1.attn.o_proj.weight": quantize_tensor(torch.randn(64, 32), scheme)})
     with pytest.raises(UserError, match="linear layer"):
         attach_quantized(model, {"layers.1.attn_norm.weight": quantize_tensor(torch.randn(64, 64), scheme)})
+
+
+def test_llama_cpp_activation_rounding() -> None:
+    """Q8_K (K-quant weights): per 256, steps of 1 / (-127 / signed max), codes up to 127;
+    Q8_0 (the 32-block formats): per 32, steps of max|x| / 127 rounded to float16."""
+    from mlsyskit.quant.llama_cpp_peer import round_activations
+
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    x[0, 5], x[1, 300] = -40.0, 9.0
+    k = round_activations(x, "Q4_K").view(2, 2, 256)
+    d = 1 / (-127 / torch.gather(x.view(2, 2, 256), 2, x.view(2, 2, 256).abs().argmax(2, keepdim=True)))
+    q = k / d
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.max() <= 127.001 and q.min() >= -127.001
+    assert (k - x.view(2, 2, 256)).abs().le(d.abs() / 2 + 1e-5).all()
+    assert k[0, 0, 5] == pytest.approx(-40.0) and q[0, 0, 5].round() == -127
+    b = round_activations(x, "Q5_0").view(2, 16, 32)
+    step = (x.view(2, 16, 32).abs().amax(2, keepdim=True) / 127).half().float()
+    assert torch.allclose(b / step, (b / step).round(), atol=1e-3)
+    assert (b - x.view(2, 16, 32)).abs().le(0.6 * step).all()  # half a step, and d rounded to float16
+    assert not torch.equal(b, k.view(2, 16, 32))  # two different roundings

@@ -80,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the text (default: all)")
     p.add_argument("--quantization", default=None, metavar="SPEC", help="quantize the linear weights on load, round to nearest: int8 (per channel), int4 (groups of 128), int4-g64, int3-g128, ...; not for a directory `mlsyskit quantize` wrote, which is quantized already (default: off)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (default: float32)")
+    p.add_argument("--activations", default="float", choices=("float", "llama.cpp"), help="float: the activations enter the weights' products unrounded; llama.cpp: a GGUF file's block-quantized weights see them rounded to int8 as llama.cpp's CPU matmuls round them (per 256 for K-quants, per 32 with a float16 scale for the others), to compare with llama.cpp's own perplexity (default: float)")
     add_progress_flag(p, "the windows")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice, one per core)")
     p.set_defaults(func=_perplexity)
@@ -176,7 +177,14 @@ def _perplexity(args: argparse.Namespace) -> int:
 
     from mlsyskit.models.transformer import build_transformer
     from mlsyskit.quant import perplexity as ppl
-    from mlsyskit.quant.linear import QuantLinear, model_bytes, parse_quantization, quantize_
+    from mlsyskit.quant.linear import (
+        BlockLinear,
+        QuantLinear,
+        model_bytes,
+        parse_quantization,
+        quantize_,
+        quantized_linear,
+    )
     from mlsyskit.quant.model_io import load_checkpoint  # reads quantized directories too
 
     text_path = args.text if args.text is not None else ppl.default_text_path()
@@ -184,14 +192,23 @@ def _perplexity(args: argparse.Namespace) -> int:
     config = parse_quantization(args.quantization) if args.quantization else None
     ppl.windows(2, args.window, args.stride)  # check --window/--stride before the slow part
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(args.model)
+    like_llama_cpp = args.activations == "llama.cpp"
+    if like_llama_cpp and (config is not None or args.dtype != "float32"):
+        raise UserError("--activations llama.cpp scores a GGUF file as it is: leave out --quantization and --dtype")
+    ckpt = load_checkpoint(args.model, native=like_llama_cpp)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     if config is not None and _is_quantized(ckpt):
         raise UserError(f"{ckpt.source} is already quantized; leave out --quantization or quantize the original model")
     if dtype != torch.float32 and _is_quantized(ckpt):
         # QuantLinear's kernels read float32 scales: a dtype cast would hand them bf16 ones
         raise UserError("a quantized checkpoint computes in float32: leave out --dtype bfloat16")
-    model = build_transformer(ckpt.config, ckpt.state_dict, dtype, quantized_linear=QuantLinear)
+    model = build_transformer(ckpt.config, ckpt.state_dict, dtype, quantized_linear=quantized_linear if like_llama_cpp else QuantLinear)
+    if like_llama_cpp:
+        blocks = [m for m in model.modules() if isinstance(m, BlockLinear)]
+        if not blocks:
+            raise UserError(f"--activations llama.cpp needs a GGUF file with block-quantized weights; {ckpt.source} has none")
+        for m in blocks:
+            m.llama_cpp_activations = True
     if config is not None:
         quantize_(model, config)
     all_ids = ckpt.tokenizer.encode(text)
@@ -212,6 +229,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         "file_type": ckpt.file_type,
         "quantization": args.quantization,
         "dtype": args.dtype,
+        "activations": args.activations,
         "text": str(text_path),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -39,6 +39,7 @@ from mlsyskit.errors import UserError
 from mlsyskit.models.gguf_loader import BlockWeight
 from mlsyskit.models.transformer import RowEmbedding, attach_linear_weights
 from mlsyskit.quant import gguf_repack, kernels
+from mlsyskit.quant.llama_cpp_peer import round_activations
 from mlsyskit.quant.scheme import QuantScheme
 from mlsyskit.quant.tensor import QuantizedTensor, quantize_tensor
 
@@ -214,7 +215,14 @@ class BlockLinear(_KernelLinear):
     how many 32-blocks could not be repacked exactly, see :mod:`mlsyskit.quant.gguf_repack`).
 
     Also serves embedding lookups (:meth:`rows`) when the weight is a token table.
+
+    ``llama_cpp_activations = True`` (``mlsyskit perplexity --activations llama.cpp``) computes
+    instead in float32 on the file's exact values with the activations rounded per part as
+    llama.cpp's CPU matmuls round them (:func:`mlsyskit.quant.llama_cpp_peer.round_activations`):
+    to compare scores with llama.cpp's own.
     """
+
+    llama_cpp_activations = False
 
     def __init__(self, weight: BlockWeight, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -240,6 +248,20 @@ class BlockLinear(_KernelLinear):
 
     def weight(self) -> Tensor:
         return self.block_weight.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.llama_cpp_activations:
+            return super().forward(x)
+        x2 = x.reshape(-1, self.in_features).float()
+        w = self.weight()
+        ys, start = [], 0
+        for p in self.block_weight.parts:  # part i: output rows start.. (perm reorders within)
+            ys.append(round_activations(x2, p.qtype) @ w[start : start + p.rows].t())
+            start += p.rows
+        y = torch.cat(ys, dim=1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight, dequantized (float32): an embedding lookup (from the
