@@ -98,6 +98,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="rows scored at once (default: 2)")
     p.add_argument("--out", default=str(common.RESULTS / "quant_report.json"), help="JSON output; the PNG goes beside it")
     p.add_argument("--child-decode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-how", default="native", choices=("native", "float32", "llama.cpp"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -215,31 +216,61 @@ def decode(args: argparse.Namespace, cache: Path) -> None:
     path_json = cache / "decode.json"
     out: dict[str, Any] = json.loads(path_json.read_text()) if path_json.exists() else {"rows": {}, "parts": []}
     part: dict[str, Any] = {"rows": [], "load_average_1min_start": common.loadavg(), "cpu_model": common.cpu_model()}
-    for name, path in rows(cache, args).items():
-        r = subprocess.run([sys.executable, __file__, "--stage", "decode", "--child-decode", str(path),
+    def child(path: Path, how: str) -> dict[str, Any]:
+        r = subprocess.run([sys.executable, __file__, "--stage", "decode", "--child-decode", str(path), "--child-how", how,
                             "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True, check=True)
-        out["rows"][name] = json.loads(r.stdout.strip().splitlines()[-1])
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    for name, path in rows(cache, args).items():
+        row = out["rows"][name] = child(path, "native")
+        if name.startswith("llama.cpp"):  # the same file on the naive float path, and in llama.cpp
+            row["decode_tok_s_float_path"] = child(path, "float32")["decode_tok_s"]
+            row["decode_tok_s_llama_cpp"] = child(path, "llama.cpp")["decode_tok_s"]
         part["rows"].append(name)
-        log(f"{name:55s} {out['rows'][name]['decode_tok_s']:.1f} tok/s, peak RSS {out['rows'][name]['peak_rss_mib']:.0f} MiB")
+        log(f"{name:55s} {row['decode_tok_s']:.1f} tok/s (float path {row.get('decode_tok_s_float_path', '-')}, "
+            f"llama.cpp {row.get('decode_tok_s_llama_cpp', '-')}), peak RSS {row['peak_rss_mib']:.0f} MiB")
         common.write_json(path_json, {**out, "parts": [*out["parts"], {**part, "load_average_1min_end": common.loadavg()}]})
     part["load_average_1min_end"] = common.loadavg()
     out["parts"].append(part)
     common.write_json(path_json, out)
 
 
-def child_decode(path: str, tokens: int) -> None:
+def child_decode(path: str, tokens: int, how: str) -> None:
+    """Decode tok/s at batch 1, one thread: ``how`` = "native" (the engine's default: quantized
+    weights on the kernels), "float32" (the engine, weights dequantized on load: the naive
+    path) or "llama.cpp" (llama-cpp-python on the same GGUF file)."""
     import torch
 
     from mlsyskit.engine import LLM, SamplingParams
 
     torch.set_num_threads(1)
-    llm = LLM(path, max_model_len=256, num_kv_blocks=16, block_size=16, max_num_seqs=1)
     prompt = list(range(100, 132))
+    if how == "llama.cpp":
+        return child_decode_llama_cpp(path, tokens, prompt)
+    llm = LLM(path, max_model_len=256, num_kv_blocks=16, block_size=16, max_num_seqs=1,
+              dtype="float32" if how == "float32" else None)
     llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
     best = 0.0
     for _ in range(2):
         o = llm.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))[0]
         best = max(best, common.decode_tok_s(len(o.token_ids), o.first_token_time, o.finish_time) or 0.0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"decode_tok_s": best, "peak_rss_mib": rss}))
+
+
+def child_decode_llama_cpp(path: str, tokens: int, prompt: list[int]) -> None:
+    from mlsyskit.quant.llama_cpp_peer import llama_cpp
+
+    llm = llama_cpp().Llama(model_path=path, n_ctx=256, n_threads=1, n_batch=64, verbose=False)
+    best = 0.0
+    for n in (4, tokens, tokens):  # a warm-up, then the best of two
+        llm.reset()
+        times = []
+        for _ in llm.generate(prompt, temp=0.0, reset=True):  # greedy; does not stop at EOS
+            times.append(time.perf_counter())
+            if len(times) == n:
+                break
+        best = max(best, common.decode_tok_s(len(times), times[0], times[-1]) or 0.0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"decode_tok_s": best, "peak_rss_mib": rss}))
 
@@ -259,6 +290,7 @@ def report(args: argparse.Namespace, cache: Path) -> None:
             "perplexity": s["perplexity"], "bits_per_weight": s["bits_per_weight"], "file_bytes": s["file_bytes"],
             "model_bytes": s["model_bytes"], "file_type": s["file_type"],
             "decode_tok_s": d.get("decode_tok_s"), "peak_rss_mib": d.get("peak_rss_mib"),
+            "decode_tok_s_float_path": d.get("decode_tok_s_float_path"), "decode_tok_s_llama_cpp": d.get("decode_tok_s_llama_cpp"),
         })
     fp32 = table[0]["perplexity"]
     for r in table:
@@ -348,7 +380,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     if args.child_decode:
-        child_decode(args.child_decode, args.decode_tokens)
+        child_decode(args.child_decode, args.decode_tokens, args.child_how)
         return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
