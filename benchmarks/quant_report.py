@@ -350,7 +350,8 @@ def print_table(result: dict[str, Any]) -> None:
         tok = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
         print(f"{r['name']:55s} {r['perplexity']:8.3f} {r['ppl_increase']:+8.2%} {r['bits_per_weight']:6.3f} "
-              f"{r['file_bytes'] / 2**20:8.1f} {rss:>8s} {tok:>6s}")
+              f"{r['file_bytes'] / 2**20:8.1f} {rss:>8s} {tok:>6s}"
+              + (f"  (float path {r['decode_tok_s_float_path']}, llama.cpp {r['decode_tok_s_llama_cpp']})" if r.get("decode_tok_s_llama_cpp") else ""))
     for name, g in result["goals"].items():
         print(f"goal {name}: {'met' if g['met'] else 'MISSED'} {({k: v for k, v in g.items() if k != 'met'})}")
 
