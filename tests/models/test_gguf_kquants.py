@@ -177,3 +177,20 @@ def test_llama_cpp_k_quants_run_natively_like_the_float_path(wide_f32_gguf: Path
     assert F.cosine_similarity(small, want[:5], dim=-1).min() > 0.99
     out = native.generate(["Once upon a time"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert native.engine.runner.fused is not None and len(out.token_ids) == 4
+
+
+def test_tensor_parallel_column_split_of_k_quant_blocks() -> None:
+    """A row-parallel split on a 256-value super-block boundary keeps the blocks; one inside a
+    super-block gives the float32 columns (both equal to the whole weight's columns)."""
+    import torch
+
+    from mlsyskit.engine.parallel import _take_cols
+    from mlsyskit.models.gguf_loader import BlockTensor, BlockWeight
+
+    raw = random_blocks("Q4_K", 8).reshape(4, -1)  # 4 rows of 512 values
+    w = BlockWeight((BlockTensor("Q4_K", raw),), (4, 512))
+    whole = w.dequantize()
+    kept = _take_cols(w, 256, 512)
+    assert isinstance(kept, BlockWeight) and torch.equal(kept.dequantize(), whole[:, 256:])
+    cut = _take_cols(w, 128, 384)
+    assert isinstance(cut, torch.Tensor) and torch.equal(cut, whole[:, 128:384])
