@@ -15,7 +15,9 @@ stored bits of the linear weights (the tied embedding counted once, as the outpu
 scales and minimums included (llama.cpp: the bytes of its blocks). Our tied embedding table is
 quantized like the output projection and serves both (rows dequantized on lookup), as
 llama.cpp's token_embd does, so file sizes compare directly. A check compares our
-perplexity of llama.cpp's Q4_K_M file with llama.cpp's own on a small text (goal: within 0.5 %).
+perplexity of each llama.cpp file (and the F32 one) with llama.cpp's own on 1,024 held-out
+tokens (goal: within 0.5 %), with float activations and with llama.cpp's activation rounding
+(`mlsyskit perplexity --activations llama.cpp`).
 
 Stages (each caches its JSON in --cache, so a stage can be rerun alone; --rows REGEX limits
 prepare, score and decode to the rows it matches, and their results merge with the cached ones):
@@ -24,7 +26,9 @@ prepare, score and decode to the rows it matches, and their results merge with t
            256 tokens of the first 90 % of Tiny Shakespeare)             [no timing]
   score    perplexity, bits per weight, file size of every row; llama.cpp's own perplexity
   decode   per row, a fresh process loads the model in the engine, decodes --decode-tokens
-           tokens at batch 1 (greedy, 1 thread) and reports tok/s and its peak RSS
+           tokens at batch 1 (greedy, 1 thread) and reports tok/s and its peak RSS; llama.cpp's
+           files also on the engine's float path (dtype float32: the naive baseline) and in
+           llama.cpp itself (llama-cpp-python, 1 thread)
            [timed: run alone on the machine, e.g. under flock -x /tmp/quiet.lock; split with
            --rows to keep each exclusive run short]
   report   benchmarks/results/quant_report.json + .png (bits/perplexity frontier), the table
