@@ -139,9 +139,10 @@ def test_repacked_blocks_dequantize_and_multiply_like_gguf_py(name: str, variant
     lossy = err > 1e-6 * np.abs(ref).max()
     assert r.requantized_blocks or not lossy.any()
     assert (err <= 0.5001 * np.abs(step) + 1e-6 * np.abs(ref).max()).all()
-    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32))
-    want, size = reference(x, ours.astype(np.float64))
-    np.testing.assert_allclose(kernels.qmatmul(x, qw, lib=lib).numpy(), want, rtol=0, atol=2e-6 * size)
+    for m in (3, 9):  # one-row tiles, and rows in SIMD lanes (from 8 rows on)
+        x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, 512)).astype(np.float32))
+        want, size = reference(x, ours.astype(np.float64))
+        np.testing.assert_allclose(kernels.qmatmul(x, qw, lib=lib).numpy(), want, rtol=0, atol=2e-6 * size)
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M"])
