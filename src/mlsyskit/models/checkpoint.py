@@ -104,7 +104,7 @@ def load_checkpoint(
     directory a registered loader claims (e.g. ``mlsyskit quantize``'s, whose quantized weights
     come back as ``QuantizedTensor`` values, see :mod:`mlsyskit.quant.model_io`).
 
-    ``native=True`` keeps a GGUF file's Q4_0/Q4_1/Q8_0 weights in their memory-mapped blocks
+    ``native=True`` keeps a GGUF file's block-quantized weights in their memory-mapped blocks
     (``BlockWeight`` values, see :mod:`mlsyskit.models.gguf_loader`) instead of dequantizing them.
 
     ``path=None`` loads the default model (:func:`default_model_path`). Anything unusable
