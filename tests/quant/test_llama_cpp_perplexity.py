@@ -6,13 +6,16 @@ bench-deps`; CI's `make test` does not build it, so there it is skipped).
 llama.cpp rounds the activations of every product with a quantized weight to int8: per 32 with
 a float16 scale (Q8_0/Q8_1) for the 32-block formats, which moves its perplexity little, and
 per 256 (Q8_K) for the K-quants. SmolLM2's MLP-down inputs have outliers, so per-256 rounding
-zeroes most of a row and the score becomes a noisy function of the rounding: perturbing the
-activations by one part in a million moves the K-quant mixes' score with that rounding by
-0.4 % (standard deviation, 1024 tokens). Hence two checks:
+zeroes most of a row and moves the K-quant mixes' perplexity by about -0.6 % against float
+activations; the score is then a noisy function of the rounding (perturbing the activations by
+one part in a million moves it by 0.4 %, standard deviation, on 1,024 tokens). Hence:
 
-- the 32-block files (Q8_0, Q4_0): our float scorer within 0.5 % of llama.cpp's;
-- the K-quant mixes: our scorer *with llama.cpp's rounding* (``--activations llama.cpp``)
-  within 1.5 % (about 3 standard deviations of that noise, for the difference of two runs).
+- the 32-block files (Q8_0, Q4_0): our float scorer on 1,024 tokens;
+- the K-quant mixes: our scorer *with llama.cpp's rounding* (``--activations llama.cpp``) on
+  4,096 tokens, where the rounding flips average out (measured here: Q5_K_M -0.12 %, Q4_K_M
+  +0.24 %, Q3_K_M -0.20 %; on 16,384 tokens +0.12 %, +0.07 %, -0.01 %);
+
+each within 0.5 % of llama.cpp's own perplexity.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from mlsyskit.quant.linear import BlockLinear, QuantLinear, quantized_linear
 
 pytest.importorskip("llama_cpp")
 
-WINDOW, TOKENS = 256, 1024
-BOUND = {"Q8_0": 0.005, "Q4_0": 0.005, "Q5_K_M": 0.015, "Q4_K_M": 0.015, "Q3_K_M": 0.015}
+WINDOW, BOUND = 256, 0.005
+TOKENS = {"Q8_0": 1024, "Q4_0": 1024, "Q5_K_M": 4096, "Q4_K_M": 4096, "Q3_K_M": 4096}
 
 
 @pytest.fixture(scope="module")
 def heldout_text(data_dir: Path | None) -> str:
-    """The report's held-out text (the last 10 % of Tiny Shakespeare), at least TOKENS tokens."""
+    """The report's held-out text (the last 10 % of Tiny Shakespeare)."""
     src = data_dir / "shakespeare" / "input.txt" if data_dir else None
     if src is None or not src.is_file():
         pytest.skip("Tiny Shakespeare is not in the data dir")
@@ -54,7 +57,7 @@ def ours(path: Path, ids: list[int], like_llama_cpp: bool) -> float:
     return ppl.perplexity(model, torch.tensor(ids), window=WINDOW).perplexity
 
 
-@pytest.mark.parametrize("ftype", list(BOUND))
+@pytest.mark.parametrize("ftype", list(TOKENS))
 def test_our_perplexity_of_llama_cpp_files_equals_llama_cpps(ftype: str, smollm2_path: Path, heldout_text: str,
                                                              tmp_path: Path) -> None:
     from mlsyskit.quant.llama_cpp_peer import perplexity, quantize
@@ -62,11 +65,11 @@ def test_our_perplexity_of_llama_cpp_files_equals_llama_cpps(ftype: str, smollm2
     # requantized from the embedded Q4_1 file: bit for bit the files the report makes from its
     # F32 export of the same weights
     path = quantize(smollm2_path, tmp_path / f"{ftype}.gguf", ftype, requantize=True)
-    theirs, ids = perplexity(path, heldout_text, WINDOW, TOKENS)
-    assert len(ids) == TOKENS
-    assert load_checkpoint(path).tokenizer.encode(heldout_text)[:TOKENS] == ids  # same tokens
+    theirs, ids = perplexity(path, heldout_text, WINDOW, TOKENS[ftype])
+    assert len(ids) == TOKENS[ftype]
+    assert load_checkpoint(path).tokenizer.encode(heldout_text)[: len(ids)] == ids  # same tokens
     k_quants = "_K" in ftype
     mine = ours(path, ids, like_llama_cpp=k_quants)
     gap = mine / theirs - 1
     print(f"{ftype}: ours {mine:.4f} ({'llama.cpp rounding' if k_quants else 'float'}), llama.cpp {theirs:.4f}: {gap:+.3%}")
-    assert abs(gap) <= BOUND[ftype]
+    assert abs(gap) <= BOUND
