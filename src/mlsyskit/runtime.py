@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,17 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json_dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
+
+
+def released_by_collectives(*tensors: Any, timeout_s: float = 1.0) -> None:
+    """Wait (briefly) until torch.distributed's gloo threads have dropped their references to
+    ``tensors`` (torch Tensors just used in a collective).
+
+    A collective's ``wait()`` returns before gloo's worker thread destroys its work object. If
+    Python has dropped the tensor by then, that thread's decref needs the GIL, and during
+    interpreter shutdown (a rank exiting right after the last broadcast) that aborts the
+    process ("terminate called without an active exception": a torchrun rank of the engine, 2
+    runs in 12 beside one busy process). Call it after the last collective before exiting."""
+    deadline = time.monotonic() + timeout_s
+    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(0)

@@ -48,6 +48,7 @@ from mlsyskit.errors import UserError
 from mlsyskit.models.config import TransformerConfig
 from mlsyskit.models.gguf_loader import BLOCK, BlockTensor, BlockWeight
 from mlsyskit.models.transformer import Transformer
+from mlsyskit.runtime import released_by_collectives
 
 IDLE_TIMEOUT = timedelta(days=7)  # the control group: workers wait on it between steps
 
@@ -357,7 +358,7 @@ class Group:
         self.ctl.broadcast([n], dist.BroadcastOptions()).wait()
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root else torch.empty(int(n), dtype=torch.uint8)
         self.ctl.broadcast([buf], dist.BroadcastOptions()).wait()
-        _released(n, buf)
+        released_by_collectives(n, buf)
         self.stats.step_s += time.perf_counter() - t0
         self.stats.step_bytes += int(n)
         return obj if root else pickle.loads(buf.numpy().tobytes())
@@ -418,17 +419,6 @@ class Group:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-
-
-def _released(*tensors: Tensor, timeout_s: float = 1.0) -> None:
-    """Wait (briefly) until gloo's worker threads have dropped their references to ``tensors``.
-    ``wait()`` returns before the thread destroys its work object; if Python dropped the tensor
-    first, that thread's decref then needs the GIL, and during interpreter shutdown (a torchrun
-    rank exiting right after the "stop" broadcast) that aborts the process ("terminate called
-    without an active exception", seen in about 1 run in 8 under load)."""
-    deadline = time.monotonic() + timeout_s
-    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
-        time.sleep(0)
 
 
 class AllReduce(nn.Module):

@@ -49,6 +49,7 @@ from mlsyskit.fl.simulation import (
     setup,
     train_clients,
 )
+from mlsyskit.runtime import released_by_collectives
 
 STOP = -1  # a header round of STOP ends the client ranks
 MODES = ("all-reduce", "gather")  # as coded in the header
@@ -156,6 +157,7 @@ class CollectiveTransport:
             header = torch.full((self.header_len,), -1, dtype=torch.int64)
             header[0] = STOP
             dist.broadcast(header, 0)
+            released_by_collectives(header)  # the process exits next
 
 
 def reduced(fed: Federation, active: np.ndarray, buf: torch.Tensor) -> Collected:
@@ -223,6 +225,7 @@ def serve_rank(rank: int, world: int) -> dict[str, int]:
         dist.broadcast(header, 0)
         rnd, k = int(header[0]), int(header[1])
         if rnd == STOP:
+            released_by_collectives(header)  # the process exits next
             return {"rank": rank, "clients_trained": trained}
         mode = MODES[int(header[2])]
         global_w = torch.empty(p)
