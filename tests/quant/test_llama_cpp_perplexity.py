@@ -28,7 +28,12 @@ import torch
 from mlsyskit.models.checkpoint import load_checkpoint
 from mlsyskit.models.transformer import build_transformer
 from mlsyskit.quant import perplexity as ppl
-from mlsyskit.quant.linear import BlockLinear, QuantLinear, quantized_linear
+from mlsyskit.quant.linear import (
+    BlockLinear,
+    QuantLinear,
+    quantized_linear,
+    round_activations_like_llama_cpp,
+)
 
 pytest.importorskip("llama_cpp")
 
@@ -50,10 +55,10 @@ def ours(path: Path, ids: list[int], like_llama_cpp: bool) -> float:
     ckpt = load_checkpoint(path, native=like_llama_cpp)
     model = build_transformer(ckpt.config, ckpt.state_dict, torch.float32,
                               quantized_linear=quantized_linear if like_llama_cpp else QuantLinear)
-    blocks = [m for m in model.modules() if isinstance(m, BlockLinear)]
-    assert like_llama_cpp == bool(blocks)
-    for m in blocks:
-        m.llama_cpp_activations = True
+    if like_llama_cpp:
+        assert round_activations_like_llama_cpp(model) > 0
+    else:
+        assert not any(isinstance(m, BlockLinear) for m in model.modules())
     return ppl.perplexity(model, torch.tensor(ids), window=WINDOW).perplexity
 
 

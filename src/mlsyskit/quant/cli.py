@@ -178,12 +178,12 @@ def _perplexity(args: argparse.Namespace) -> int:
     from mlsyskit.models.transformer import build_transformer
     from mlsyskit.quant import perplexity as ppl
     from mlsyskit.quant.linear import (
-        BlockLinear,
         QuantLinear,
         model_bytes,
         parse_quantization,
         quantize_,
         quantized_linear,
+        round_activations_like_llama_cpp,
     )
     from mlsyskit.quant.model_io import load_checkpoint  # reads quantized directories too
 
@@ -203,12 +203,8 @@ def _perplexity(args: argparse.Namespace) -> int:
         # QuantLinear's kernels read float32 scales: a dtype cast would hand them bf16 ones
         raise UserError("a quantized checkpoint computes in float32: leave out --dtype bfloat16")
     model = build_transformer(ckpt.config, ckpt.state_dict, dtype, quantized_linear=quantized_linear if like_llama_cpp else QuantLinear)
-    if like_llama_cpp:
-        blocks = [m for m in model.modules() if isinstance(m, BlockLinear)]
-        if not blocks:
-            raise UserError(f"--activations llama.cpp needs a GGUF file with block-quantized weights; {ckpt.source} has none")
-        for m in blocks:
-            m.llama_cpp_activations = True
+    if like_llama_cpp and not round_activations_like_llama_cpp(model):
+        raise UserError(f"--activations llama.cpp needs a GGUF file with block-quantized weights; {ckpt.source} has none")
     if config is not None:
         quantize_(model, config)
     all_ids = ckpt.tokenizer.encode(text)

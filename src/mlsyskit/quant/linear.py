@@ -289,6 +289,15 @@ class BlockLinear(_KernelLinear):
         return f"{self.in_features}, {self.out_features}, {'+'.join(self.formats)} blocks{requant}"
 
 
+def round_activations_like_llama_cpp(model: nn.Module) -> int:
+    """Make every :class:`BlockLinear` of ``model`` round its activations as llama.cpp's CPU
+    matmuls do (``llama_cpp_activations``); returns how many there are (0: nothing to round)."""
+    blocks = [m for m in model.modules() if isinstance(m, BlockLinear)]
+    for m in blocks:
+        m.llama_cpp_activations = True
+    return len(blocks)
+
+
 def quantized_linear(weight: Any, bias: Tensor | None) -> nn.Module:
     """The layer for a quantized weight of a checkpoint: :class:`QuantLinear` for a
     :class:`QuantizedTensor`, :class:`BlockLinear` for a GGUF ``BlockWeight`` (the
